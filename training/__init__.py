@@ -1,0 +1,1 @@
+"""Training: the ResNet50v2 model, data pipeline, objectives, trainer and pseudo-labels."""
