@@ -126,12 +126,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         maxv = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
         arr8 = np.clip(arr / maxv * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(arr8[:, :, None], 3, axis=2), "RGB")
+        return Image.fromarray(np.repeat(arr8[:, :, None], 3, axis=2))
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         arr8 = np.zeros(arr.shape, np.uint8) if hi <= lo else ((arr - lo) / (hi - lo) * 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(arr8[:, :, None], 3, axis=2), "RGB")
+        return Image.fromarray(np.repeat(arr8[:, :, None], 3, axis=2))
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
