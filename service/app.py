@@ -1,0 +1,113 @@
+"""The FastAPI app factory: routers, limits, metrics, auth and the lifespan (warm-up, drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from s4l.service import (
+    routes_classify,
+    routes_embed,
+    routes_health,
+    routes_info,
+    routes_metrics,
+)
+from s4l.service.backend import Backend, OnnxBackend, available_cpus
+from s4l.service.batching import MicroBatcher
+from s4l.service.deps import ApiKey
+from s4l.service.errors import error_json, install_error_handlers
+from s4l.service.limits import BodyLimitMiddleware, BodyTooLarge
+from s4l.service.pipeline import ServiceState
+from s4l.service.settings import Settings
+from s4l.service.telemetry import Metrics, MetricsMiddleware
+
+import s4l
+
+log = logging.getLogger(__name__)
+
+_ROUTERS = (routes_health, routes_embed, routes_classify, routes_info, routes_metrics)
+
+DESCRIPTION = (
+    "Embeddings and class predictions from an `s4l export` ONNX model. Images go through the "
+    "same decode and eval crop as training (s4l.imaging); the model scales pixels itself. "
+    "Errors are `{\"error\": {\"code\", \"message\"}}`; a bad image in a batch gets its own error "
+    "entry and never fails the others.")
+
+
+def load_backend(settings: Settings) -> Backend:
+    if settings.model is None:
+        raise ValueError("no model: pass --model or set S4L_MODEL")
+    return OnnxBackend(settings.model, provider=settings.provider,
+                       intra_op_threads=settings.intra_op_threads, model_id=settings.model_id)
+
+
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+    """Build the app. Without ``backend`` the ONNX model named by the settings is loaded now,
+    so a bad model or a missing provider fails here, before the server listens."""
+    settings = settings or Settings()
+    backend = backend if backend is not None else load_backend(settings)
+    metrics = Metrics()
+    batcher = MicroBatcher(backend.run, max_batch_size=settings.max_batch_size,
+                           max_wait_s=settings.max_wait_ms / 1000.0,
+                           max_queue_images=settings.max_queue_images, observer=metrics)
+    pool = ThreadPoolExecutor(settings.decode_threads or available_cpus(),
+                              thread_name_prefix="s4l-decode")
+    state = ServiceState(settings=settings, backend=backend, metrics=metrics, batcher=batcher,
+                         decode_pool=pool)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        await _warm_up(state)
+        try:
+            yield
+        finally:
+            state.ready, state.not_ready_reason = False, "shutting down"
+            await batcher.stop()  # in-flight requests finish first (uvicorn waits for them)
+            pool.shutdown(wait=True)
+            backend.close()
+
+    app = FastAPI(title="s4l service", version=s4l.__version__, description=DESCRIPTION,
+                  lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.s4l = state
+    install_error_handlers(app)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_, exc: BodyTooLarge):
+        return error_json(413, "payload_too_large", str(exc), {"Connection": "close"})
+
+    for m in _ROUTERS:
+        app.include_router(m.router)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[ApiKey])
+    async def openapi():
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False, dependencies=[ApiKey])
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="s4l service")
+
+    routes = {"/openapi.json", "/docs"} | {
+        r.path for m in _ROUTERS for r in m.router.routes if hasattr(r, "path")}
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
+    return app
+
+
+async def _warm_up(state: ServiceState) -> None:
+    """A real inference in a worker thread: /readyz says ready only after it worked."""
+    size = state.backend.info.image_size
+    try:
+        await asyncio.get_running_loop().run_in_executor(
+            None, state.backend.run, np.zeros((1, size, size, 3), np.uint8))
+    except Exception as e:
+        log.exception("warm-up inference failed")
+        state.ready, state.not_ready_reason = False, f"warm-up inference failed: {e}"
+        return
+    state.ready, state.not_ready_reason = True, ""
+    log.info("ready: model %s on %s", state.backend.info.model_id, state.backend.provider)

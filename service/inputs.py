@@ -1,0 +1,109 @@
+"""Reads the images of an /embed or /classify request: multipart ``files`` parts or JSON base64."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+from fastapi import Request
+from s4l.service.errors import ApiError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+MULTIPART = "multipart/form-data"
+JSON = "application/json"
+
+# The request body schema for OpenAPI (parsed by hand below, so both media types share a route).
+REQUEST_BODY = {
+    "required": True,
+    "content": {
+        MULTIPART: {"schema": {
+            "type": "object", "required": ["files"],
+            "properties": {"files": {"type": "array", "minItems": 1,
+                                     "items": {"type": "string", "format": "binary"}}}}},
+        JSON: {"schema": {
+            "type": "object", "required": ["images"], "additionalProperties": False,
+            "properties": {"images": {"type": "array", "minItems": 1,
+                                      "items": {"type": "string", "format": "byte",
+                                                "description": "base64 image file bytes"}}}}},
+    },
+}
+
+
+@dataclass
+class RawImage:
+    """One input image's bytes, or the reason it could not even be read."""
+
+    data: bytes | None = None
+    error: tuple[str, str] | None = None
+
+
+async def read_images(request: Request, *, max_images: int) -> list[RawImage]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == MULTIPART:
+        return await _read_multipart(request, max_images)
+    if ctype == JSON or ctype.endswith("+json"):
+        return await _read_json(request, max_images)
+    raise ApiError(415, "unsupported_media_type",
+                   f"content type {ctype or '(none)'!r} not supported; send {MULTIPART} with "
+                   f"parts named 'files', or {JSON} {{\"images\": [base64, ...]}}")
+
+
+async def _read_multipart(request: Request, max_images: int) -> list[RawImage]:
+    try:
+        form = await request.form(max_files=max_images, max_fields=max_images)
+    except StarletteHTTPException as e:
+        if "Too many files" in str(e.detail) or "Too many fields" in str(e.detail):
+            raise ApiError(413, "too_many_images",
+                           f"at most {max_images} images per request") from e
+        raise ApiError(422, "malformed_multipart", f"unreadable multipart body: {e.detail}") from e
+    try:
+        parts = form.getlist("files")
+        if not parts:
+            raise ApiError(422, "no_images", "no form parts named 'files' in the multipart body")
+        out = []
+        for part in parts:
+            if isinstance(part, UploadFile):
+                out.append(RawImage(data=await part.read()))
+            else:  # a plain field: the client sent no filename, so it is text, not a file
+                out.append(RawImage(error=("not_a_file", "form part 'files' must be a file upload "
+                                           "(Content-Disposition with a filename)")))
+        return out
+    finally:
+        await form.close()
+
+
+async def _read_json(request: Request, max_images: int) -> list[RawImage]:
+    body = await request.body()
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(422, "malformed_json", f"body is not valid JSON: {e}") from e
+    if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
+        raise ApiError(422, "malformed_json", 'expected a JSON object {"images": [base64, ...]}')
+    extra = set(payload) - {"images"}
+    if extra:
+        raise ApiError(422, "malformed_json", f"unknown fields {sorted(extra)}; options are "
+                       "query parameters")
+    images = payload["images"]
+    if not images:
+        raise ApiError(422, "no_images", '"images" is empty')
+    if len(images) > max_images:
+        raise ApiError(413, "too_many_images", f"{len(images)} images; at most {max_images} per request")
+    out = []
+    for i, s in enumerate(images):
+        if not isinstance(s, str):
+            raise ApiError(422, "malformed_json", f"images[{i}] is not a string")
+        out.append(RawImage(data=_b64(s, i)))
+    return out
+
+
+def _b64(s: str, i: int) -> bytes:
+    if s.startswith("data:") and "," in s[:256]:  # data URL: data:image/jpeg;base64,....
+        s = s.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(s.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(422, "malformed_base64", f"images[{i}] is not valid base64: {e}") from e

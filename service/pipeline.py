@@ -1,0 +1,112 @@
+"""The request pipeline: decode + eval crop (s4l.imaging) in threads, batched model call, post-processing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from s4l.service.backend import EMBEDDING, LOGITS, Backend
+from s4l.service.batching import MicroBatcher, QueueFull
+from s4l.service.errors import ApiError
+from s4l.service.inputs import RawImage
+from s4l.service.settings import Settings
+from s4l.service.telemetry import Metrics
+
+from s4l.imaging import ImageError, decode_image, eval_crop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceState:
+    """Everything the routes share; built by the app factory, filled by the lifespan."""
+
+    settings: Settings
+    backend: Backend
+    metrics: Metrics
+    batcher: MicroBatcher
+    decode_pool: ThreadPoolExecutor
+    ready: bool = False
+    not_ready_reason: str = "starting"
+    extra: dict = field(default_factory=dict)
+
+
+def preprocess(raw: RawImage, state: ServiceState) -> np.ndarray | tuple[str, str]:
+    """Bytes -> uint8 [crop, crop, 3] through THE eval crop, or (code, message)."""
+    if raw.error is not None:
+        return raw.error
+    try:
+        img = decode_image(raw.data, max_pixels=state.settings.max_pixels)
+        return eval_crop(img, state.backend.info.preprocess)
+    except ImageError as e:
+        return (e.code, e.message)
+    except Exception as e:  # Pillow has many failure modes; never let one image fail the request
+        log.warning("image failed outside ImageError: %r", e)
+        return ("undecodable", f"cannot decode image: {type(e).__name__}: {e}")
+
+
+async def infer(raws: list[RawImage], state: ServiceState, route: str) -> list[dict | tuple[str, str]]:
+    """Per image, in input order: the model outputs dict or (code, message). Bounded by the
+    request timeout; admission control answers 503 before any work when the queue is full."""
+    try:
+        admission = state.batcher.admit(len(raws))
+    except QueueFull as e:
+        raise ApiError(503, "queue_full", f"server busy: {e}; retry shortly",
+                       headers={"Retry-After": "1"}) from e
+    with admission:
+        try:
+            return await asyncio.wait_for(_infer(raws, state, route),
+                                          state.settings.request_timeout_s)
+        except TimeoutError as e:
+            raise ApiError(504, "timeout", f"request took longer than "
+                           f"{state.settings.request_timeout_s:g} s") from e
+
+
+async def _infer(raws, state: ServiceState, route: str):
+    loop = asyncio.get_running_loop()
+    pre = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, preprocess, r, state)
+                                 for r in raws))
+    good = [i for i, p in enumerate(pre) if isinstance(p, np.ndarray)]
+    futures = await state.batcher.submit([pre[i] for i in good])
+    try:
+        outs = await asyncio.gather(*futures, return_exceptions=True)
+    except asyncio.CancelledError:
+        for f in futures:
+            f.cancel()
+        raise
+    results: list = list(pre)
+    for i, out in zip(good, outs):
+        if isinstance(out, BaseException):
+            results[i] = ("inference_failed", f"model call failed: {type(out).__name__}")
+        else:
+            results[i] = out
+    n_err = sum(1 for r in results if isinstance(r, tuple))
+    state.metrics.images.labels(route, "ok").inc(len(results) - n_err)
+    if n_err:
+        state.metrics.images.labels(route, "error").inc(n_err)
+    return results
+
+
+def error_entry(err: tuple[str, str]) -> dict:
+    return {"error": {"code": err[0], "message": err[1]}}
+
+
+def embed_entry(out: dict, normalize: bool) -> dict:
+    v = np.asarray(out[EMBEDDING], dtype=np.float32)
+    if normalize:
+        n = float(np.linalg.norm(v))
+        v = v / n if n > 0 else v
+    return {"embedding": v.tolist()}
+
+
+def classify_entry(out: dict, top_k: int, labels: list[str] | None) -> dict:
+    logits = np.asarray(out[LOGITS], dtype=np.float64)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    k = min(top_k, len(p))
+    idx = np.argsort(-p, kind="stable")[:k]
+    return {"top_k": [{"label": labels[i] if labels and i < len(labels) else str(i),
+                       "index": int(i), "score": float(p[i])} for i in idx]}

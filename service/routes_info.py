@@ -1,0 +1,34 @@
+"""GET /info: the loaded model's metadata, execution provider, dimensions, labels and the limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from s4l.service.backend import describe
+from s4l.service.deps import ApiKey, State
+from s4l.service.errors import error_responses
+
+import s4l
+
+router = APIRouter(tags=["info"], dependencies=[ApiKey])
+
+
+@router.get("/info", responses=error_responses(401))
+async def info(state: State) -> dict[str, Any]:
+    s = state.settings
+    return {
+        **describe(state.backend),
+        "ready": state.ready,
+        "not_ready_reason": None if state.ready else state.not_ready_reason,
+        "metadata": state.backend.info.metadata,
+        "s4l_version": s4l.__version__,
+        "limits": {"max_body_bytes": s.max_body_bytes,
+                   "max_images_per_request": s.max_images_per_request,
+                   "max_pixels": s.max_pixels, "request_timeout_s": s.request_timeout_s,
+                   "max_queue_images": s.max_queue_images},
+        "batching": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms},
+        "threads": {"intra_op": getattr(state.backend, "threads", None),
+                    "decode": state.decode_pool._max_workers},
+        "auth": s.api_key is not None,
+    }

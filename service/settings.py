@@ -1,0 +1,40 @@
+"""Typed server settings, read from arguments and the environment (prefix ``S4L_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class Settings(BaseSettings):
+    """Everything the server reads at start-up. ``S4L_MODEL=model.onnx`` sets ``model`` and so on."""
+
+    model_config = SettingsConfigDict(env_prefix="S4L_", extra="ignore", frozen=True)
+
+    model: Path | None = Field(None, description="the exported ONNX file")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_id: str | None = Field(None, description="name reported as `model`; default: file stem + hash")
+
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu", description="cpu; cuda (refuse to start without it); auto (cuda when present)")
+    intra_op_threads: int = Field(0, ge=0, description="0: the CPUs this process may use")
+    decode_threads: int = Field(0, ge=0, description="0: the CPUs this process may use")
+
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0)
+    max_queue_images: int = Field(256, ge=1, description="admitted images before 503")
+    request_timeout_s: float = Field(30.0, gt=0.0)
+
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(64, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+
+    api_key: SecretStr | None = Field(None, description="when set, Bearer token required")
+    graceful_shutdown_s: float = Field(30.0, ge=0.0)
+    log_level: str = "info"
