@@ -66,9 +66,14 @@ from s4l.training.objectives.base import (
     predict_logits,
     unwrap_model,
 )
+from s4l.training.objectives.exemplar import ExemplarObjective, S4LExemplarObjective
 from s4l.training.objectives.fine_tune import FineTuneObjective
+from s4l.training.objectives.linear import LinearObjective
+from s4l.training.objectives.moam import MOAMObjective
 from s4l.training.objectives.pseudo_label import PseudoLabelObjective
+from s4l.training.objectives.rotation import RotationObjective, S4LRotationObjective
 from s4l.training.objectives.supervised import SupervisedObjective
+from s4l.training.objectives.vat import VATEntMinObjective, VATObjective
 
 from s4l.errors import UserError
 
@@ -76,8 +81,16 @@ OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls
     for cls in (
         SupervisedObjective,
-        FineTuneObjective,
+        RotationObjective,
+        S4LRotationObjective,
+        ExemplarObjective,
+        S4LExemplarObjective,
+        VATObjective,
+        VATEntMinObjective,
         PseudoLabelObjective,
+        MOAMObjective,
+        LinearObjective,
+        FineTuneObjective,
     )
 }
 

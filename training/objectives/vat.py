@@ -1,0 +1,204 @@
+"""Virtual Adversarial Training (VAT) and VAT + Entropy Minimisation, with the shared VAT machinery.
+
+S4L_REFERENCE.md section 3 (the release's semi_supervised/vat.py and vat_utils.py):
+
+- r ~ N(0, I); d = xi * r / ||r|| per image (xi = 1e-6); one power iteration: g = grad_d of
+  KL(net(x + d), net(x)); r_adv = eps * g / ||g|| per image, eps an absolute L2 norm in [-1, 1]
+  pixel space (40 for VAT, 32 for MOAM);
+- loss = KL between the predictions at x + r_adv and at x, the clean prediction a constant;
+  direction switch `vat_kl_direction`, default the release's KL[p(x + r_adv) || p(x)];
+- the perturbed forwards use batch statistics but must NOT update BN running statistics (the
+  release passes momentum/decay 1.0 to its BN); here `frozen_bn_statistics` turns off
+  `track_running_stats` for the pass, so neither running_mean/var nor num_batches_tracked move;
+- xi spread over all pixels is below bf16/fp16 resolution, so the power iteration (and the clean
+  reference it differences against) runs in float32 with autocast disabled, whatever the caller's
+  autocast; the final perturbed forward (eps-sized, no precision issue) keeps the caller's
+  autocast;
+- VAT config: L = CE(labelled) + 0.5 * KL_vat (+ 1.0 * H for VAT+EntMin), VAT and the entropy H
+  on the labelled AND unlabelled images (the release's apply_vat_to_labeled), all from one clean
+  forward over [labelled; unlabelled].
+
+Perturbed passes run on the unwrapped module (DDP's `.module`): see the package docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import ClassVar
+
+import torch
+from s4l.training.objectives.base import Objective, ObjectiveOutput, unwrap_model
+from s4l.training.objectives.losses import accuracy, cross_entropy, entropy, vat_kl
+from torch import nn
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
+    """Within the block, BatchNorm layers in training mode normalise with batch statistics but
+    update neither running_mean/running_var nor num_batches_tracked (eval-mode layers still use
+    their running statistics). Restores the layers' `track_running_stats` on exit."""
+    layers = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+def normalize_per_example(v: torch.Tensor) -> torch.Tensor:
+    """v / ||v|| per example over all non-batch dimensions (zero stays zero).
+
+    Divides by the per-example max-abs first (as Miyato et al.'s `get_normalized_vector`) so a
+    gradient of order xi does not underflow the squared norm; the release's
+    `l2_normalize(epsilon=1e-12)` instead clamps sum(v^2) at 1e-12, which silently shrinks tiny
+    vectors.
+    """
+    flat = v.flatten(1)
+    flat = flat / flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return flat.reshape(v.shape)
+
+
+def virtual_adversarial_direction(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    reference_logits: torch.Tensor | None,
+    *,
+    xi: float,
+    iterations: int = 1,
+    direction: str = "perturbed_clean",
+) -> torch.Tensor:
+    """Unit-norm (per image) approximation of the top eigenvector of the KL's Hessian at x.
+
+    Power method with finite-difference Hessian-vector products (vat_utils.py's
+    `virtual_adversarial_perturbation_direction`), in float32 with autocast off. `forward` maps
+    images to class logits (it should leave BN statistics alone: see `frozen_bn_statistics`).
+    `reference_logits` must equal forward(images) in float32; None computes it here (needed when
+    the caller's clean logits came from bf16 autocast or from a different batch composition,
+    where their difference to the perturbed pass would swamp the xi-sized signal).
+    """
+    with torch.autocast(device_type=images.device.type, enabled=False), torch.enable_grad():
+        x = images.detach().float()
+        if reference_logits is None:
+            with torch.no_grad():
+                reference_logits = forward(x)
+        reference = reference_logits.detach().float()
+        d = torch.randn_like(x)
+        for _ in range(iterations):
+            d = (xi * normalize_per_example(d)).requires_grad_(True)
+            divergence = vat_kl(forward(x + d), reference, direction)
+            (d,) = torch.autograd.grad(divergence, d)
+        return normalize_per_example(d.detach())
+
+
+def vat_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    clean_logits: torch.Tensor,
+    *,
+    eps: float,
+    xi: float,
+    iterations: int,
+    direction: str,
+    reference_is_clean: bool,
+) -> torch.Tensor:
+    """KL_vat of `images` against their (detached) clean class logits; see the module docstring.
+
+    reference_is_clean: `clean_logits` are exactly the float32 forward of `images` alone (same
+    batch composition, no autocast), so the power iteration may difference against them instead
+    of running one more clean forward.
+    """
+    module = unwrap_model(model)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return module(x, heads=("classes",))["classes"]
+
+    can_reuse = (
+        reference_is_clean
+        and clean_logits.dtype == torch.float32
+        and not torch.is_autocast_enabled(images.device.type)
+    )
+    with frozen_bn_statistics(module):
+        direction_unit = virtual_adversarial_direction(
+            forward,
+            images,
+            clean_logits if can_reuse else None,
+            xi=xi,
+            iterations=iterations,
+            direction=direction,
+        )
+        r_adv = eps * direction_unit.to(images.dtype)
+        perturbed_logits = forward(images.detach() + r_adv)
+    return vat_kl(perturbed_logits, clean_logits.detach(), direction)
+
+
+class VATObjective(Objective):
+    """VAT: L = CE(labelled) + vat_weight * KL_vat(labelled + unlabelled).
+
+    Metrics: loss, loss_class, loss_vat, entropy (reported, not in the loss), acc_class.
+    """
+
+    name: ClassVar[str] = "vat"
+    uses_labelled: ClassVar[bool] = True
+    uses_unlabelled: ClassVar[bool] = True
+    metric_names: ClassVar[tuple[str, ...]] = (
+        "loss",
+        "loss_class",
+        "loss_vat",
+        "entropy",
+        "acc_class",
+    )
+    entmin: ClassVar[bool] = False
+
+    def heads(self) -> dict[str, int]:
+        return {"classes": self.num_classes}
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> ObjectiveOutput:
+        images_l, labels, _ = self._labelled(batch)
+        images_u, _ = self._unlabelled(batch)
+        n = images_l.shape[0]
+        images = torch.cat([images_l, images_u])
+        logits = model(images, heads=("classes",))["classes"]
+        loss_class = cross_entropy(logits[:n], labels)
+        ent = entropy(logits)
+        cfg = self.cfg
+        loss_vat = vat_loss(
+            model,
+            images,
+            logits,
+            eps=cfg.vat_eps,
+            xi=cfg.vat_xi,
+            iterations=cfg.vat_power_iterations,
+            direction=cfg.vat_kl_direction,
+            reference_is_clean=True,
+        )
+        loss = loss_class + cfg.vat_weight * loss_vat
+        if self.entmin:
+            loss = loss + cfg.entmin_weight * ent
+        return ObjectiveOutput(
+            loss=loss,
+            metrics={
+                "loss": loss.detach(),
+                "loss_class": loss_class.detach(),
+                "loss_vat": loss_vat.detach(),
+                "entropy": ent.detach(),
+                "acc_class": accuracy(logits[:n], labels),
+            },
+        )
+
+
+class VATEntMinObjective(VATObjective):
+    """VAT + EntMin: L = CE + vat_weight * KL_vat + entmin_weight * H (labelled + unlabelled).
+
+    Metrics: loss, loss_class, loss_vat, entropy, acc_class.
+    """
+
+    name: ClassVar[str] = "vat-entmin"
+    entmin: ClassVar[bool] = True
