@@ -147,3 +147,109 @@ def load_for_inference(
         path=path,
         used_ema=used_ema,
     )
+
+
+# ============================================================================ training resume
+# The save/resume half: what the trainer stores besides the model, and the strict checks that
+# make resume exact or loud (S4L_REFERENCE.md section 5: "resume that silently starts fresh
+# when loading fails, or restarts the LR schedule" is a known trap).
+
+RESUME_NAME = "checkpoint.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training step draws from: python, numpy, torch CPU and CUDA."""
+    import random
+
+    import numpy as np
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `rng_state` (CUDA states only when this process uses CUDA)."""
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def provenance() -> dict[str, Any]:
+    """Where an artifact came from: git sha (if in a checkout), versions, host, time."""
+    import datetime
+    import platform
+    import subprocess
+
+    from s4l import __version__
+
+    sha = None
+    try:
+        here = Path(__file__).resolve().parent
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5, check=False)
+        if res.returncode == 0:
+            sha = res.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=here, capture_output=True, text=True, timeout=5,
+                                   check=False)
+            if dirty.returncode == 0 and dirty.stdout.strip():
+                sha += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {"s4l": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import torchvision
+
+        versions["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return {
+        "git_sha": sha,
+        "versions": versions,
+        "host": platform.node(),
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def load_for_resume(path: str | os.PathLike, config: dict[str, Any], config_hash: str,
+                    semantic_diff=None) -> dict[str, Any]:
+    """Read a workdir's checkpoint for resuming, refusing one written by another config.
+
+    `config_hash` is the hash of the run's semantic config; on a mismatch the error lists the
+    differing keys (`semantic_diff(stored_config, config)` -> {key: (stored, now)}).
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    for key in ("model", "optimizer", "step", "rng", "data_state", "config", "config_hash"):
+        if key not in ckpt:
+            raise UserError(f"{path} cannot be resumed from: it has no {key!r} entry")
+    if ckpt["config_hash"] != config_hash:
+        lines = []
+        if semantic_diff is not None:
+            for k, (old, new) in semantic_diff(ckpt["config"], config).items():
+                lines.append(f"  {k}: workdir has {old!r}, this run has {new!r}")
+        detail = "\n".join(lines) if lines else "  (config hashes differ)"
+        raise UserError(
+            f"the workdir {path.parent} holds a run with a different configuration; refusing to "
+            f"resume it. Differing keys:\n{detail}\nUse another --workdir, or repeat the "
+            "original command to continue that run."
+        )
+    return ckpt
+
+
+def find_resume(workdir: str | os.PathLike) -> Path | None:
+    """The workdir's checkpoint to resume from, or None for a fresh run."""
+    p = Path(workdir) / RESUME_NAME
+    return p if p.exists() else None

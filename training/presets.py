@@ -29,9 +29,8 @@ from s4l.training.config import (
     DataConfig,
     EMAConfig,
     EvalConfig,
-    InitConfig,
     ModelConfig,
-    ObjectiveConfig,
+    ObjectiveSection,
     OptimConfig,
     TrainConfig,
 )
@@ -111,7 +110,7 @@ class Preset:
 def _base(
     scale: str,
     *,
-    objective: ObjectiveConfig,
+    objective: ObjectiveSection,
     lr: float,
     wd: float,
     batch: int,
@@ -123,7 +122,6 @@ def _base(
     sync_bn: bool = False,
     ema: float | None = None,
     hsv: bool = False,
-    freeze: bool = False,
 ) -> TrainConfig:
     """The ImageNet config of a row, then scaled down for CIFAR-10 / Imagenette."""
     warm, decay, total = sched
@@ -141,7 +139,6 @@ def _base(
         objective=objective,
         bn=BNConfig(ghost_batch=ghost, sync=sync_bn),
         ema=EMAConfig(half_life_epochs=ema),
-        init=InitConfig(freeze_backbone=freeze),
         eval=EvalConfig(every_epochs=max(1.0, total / 20)),
         checkpoint=CheckpointConfig(every_epochs=max(1.0, total / 100)),
     )
@@ -228,8 +225,8 @@ def smoke(cfg: TrainConfig) -> TrainConfig:
     )
 
 
-def _obj(name: str, **kw) -> ObjectiveConfig:
-    return ObjectiveConfig(name=name, **kw)
+def _obj(name: str, **kw) -> ObjectiveSection:
+    return ObjectiveSection(name=name, **kw)
 
 
 # ----------------------------------------------------------------------------- Table 1 rows
@@ -267,7 +264,7 @@ def _pseudo(frac: str) -> Callable[[str], TrainConfig]:
     def build(scale: str) -> TrainConfig:
         # The student's labelled set is ALL images (pseudo-labelled), so labels=None; the
         # labelled subset of the teacher lives in the pseudo-label file.
-        return _base(scale, objective=_obj("supervised"), lr=0.1, wd=1e-4, batch=256,
+        return _base(scale, objective=_obj("pseudo-label"), lr=0.1, wd=1e-4, batch=256,
                      sched=SCHED_STUDENT, labels=None, ghost=32)
     return build
 
@@ -305,7 +302,7 @@ def vat_10(scale: str) -> TrainConfig:
     Command: s4l train --preset vat-10pct --data IMAGENET --workdir runs/vat10
              --labels s4l-label-maps/label_map_count_128000_index_0
     """
-    return _base(scale, objective=_obj("vat", vat_weight=0.5, vat_eps=40.0), lr=0.03, wd=1e-3,
+    return _base(scale, objective=_obj("vat"), lr=0.03, wd=1e-3,
                  batch=256, sched=SCHED_200, labels="10", ghost=8)
 
 
@@ -316,7 +313,7 @@ def vat_1(scale: str) -> TrainConfig:
     Command: s4l train --preset vat-1pct --data IMAGENET --workdir runs/vat1
              --labels s4l-label-maps/label_map_count_13000_index_0
     """
-    return _base(scale, objective=_obj("vat", vat_weight=0.5, vat_eps=40.0), lr=0.03, wd=1e-3,
+    return _base(scale, objective=_obj("vat"), lr=0.03, wd=1e-3,
                  batch=256, sched=SCHED_1000, labels="1", ghost=8)
 
 
@@ -327,7 +324,7 @@ def vat_entmin_10(scale: str) -> TrainConfig:
     Command: s4l train --preset vat-entmin-10pct --data IMAGENET --workdir runs/vatem10
              --labels s4l-label-maps/label_map_count_128000_index_0
     """
-    return _base(scale, objective=_obj("vat-entmin", vat_weight=0.5, entmin_weight=1.0),
+    return _base(scale, objective=_obj("vat-entmin"),
                  lr=0.03, wd=1e-3, batch=256, sched=SCHED_200, labels="10", ghost=8)
 
 
@@ -337,7 +334,7 @@ def vat_entmin_1(scale: str) -> TrainConfig:
     Command: s4l train --preset vat-entmin-1pct --data IMAGENET --workdir runs/vatem1
              --labels s4l-label-maps/label_map_count_13000_index_0
     """
-    return _base(scale, objective=_obj("vat-entmin", vat_weight=0.5, entmin_weight=1.0),
+    return _base(scale, objective=_obj("vat-entmin"),
                  lr=0.03, wd=1e-3, batch=256, sched=SCHED_1000, labels="1", ghost=8)
 
 
@@ -366,16 +363,15 @@ def exemplar_pretrain(scale: str) -> TrainConfig:
 
 def _linear(frac: str) -> Callable[[str], TrainConfig]:
     def build(scale: str) -> TrainConfig:
-        return _base(scale, objective=_obj("supervised"), lr=0.1, wd=0.0, batch=256,
-                     sched=_frac_sched(frac, SCHED_200), labels=frac, freeze=True)
+        return _base(scale, objective=_obj("linear"), lr=0.1, wd=0.0, batch=256,
+                     sched=_frac_sched(frac, SCHED_200), labels=frac)
     return build
 
 
 def _finetune(frac: str) -> Callable[[str], TrainConfig]:
     def build(scale: str) -> TrainConfig:
-        if frac == "10":
-            return supervised_10(scale)
-        return supervised_1(scale)
+        cfg = supervised_10(scale) if frac == "10" else supervised_1(scale)
+        return dataclasses.replace(cfg, objective=_obj("fine-tune"))
     return build
 
 
@@ -510,9 +506,8 @@ def moam_step1(scale: str) -> TrainConfig:
              --labels s4l-label-maps/label_map_count_128000_index_0
     (or all three steps: python -m s4l.training.moam --data IMAGENET --workdir runs/moam ...)
     """
-    obj = _obj("moam", class_weight=0.3, unsup_weight=0.4, vat_weight=0.3,
-               entmin_weight=0.3, vat_eps=32.0)
-    return _base(scale, objective=obj, lr=0.1, wd=2e-4, batch=128, sched=SCHED_MOAM,
+    # The MOAM weights and eps 32 are ObjectiveConfig's moam_* defaults.
+    return _base(scale, objective=_obj("moam"), lr=0.1, wd=2e-4, batch=128, sched=SCHED_MOAM,
                  labels="10", width=4.0, sync_bn=True, ema=1.0)
 
 
@@ -527,7 +522,10 @@ def moam_pseudo_label(scale: str) -> TrainConfig:
                --set data.pseudo_labels=moam-pl.json
     """
     cfg = _pseudo("10")(scale)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=cfg.model.width * 4))
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, width=cfg.model.width * 4),
+        ema=EMAConfig(half_life_epochs=None),
+    )
 
 
 def moam_finetune(scale: str) -> TrainConfig:
@@ -538,7 +536,7 @@ def moam_finetune(scale: str) -> TrainConfig:
              --labels s4l-label-maps/label_map_count_128000_index_0
              --set init.checkpoint=runs/moam/step2/checkpoint.pt
     """
-    return _base(scale, objective=_obj("supervised"), lr=0.01, wd=2e-4, batch=256,
+    return _base(scale, objective=_obj("fine-tune"), lr=0.01, wd=2e-4, batch=256,
                  sched=SCHED_FINETUNE, labels="10", width=4.0, ghost=32)
 
 
