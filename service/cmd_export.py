@@ -1,0 +1,55 @@
+"""`s4l export`: checkpoint -> checked ONNX model (optionally int8, optionally a Triton repository)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+HELP = "export a checkpoint to ONNX (uint8 NHWC in, embedding/logits out), checked against torch"
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="s4l checkpoint (.pt)")
+    parser.add_argument("--out", required=True, help="ONNX file to write (the model to serve)")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="use_ema", action="store_const", const=True, default=None,
+                     help="export the EMA weights (an error if the checkpoint has none)")
+    ema.add_argument("--no-ema", dest="use_ema", action="store_const", const=False,
+                     help="export the raw weights even when EMA weights exist")
+    parser.add_argument("--int8", action="store_true",
+                        help="static int8 quantisation; --out gets the int8 model, the fp32 one "
+                             "is kept as <stem>.fp32.onnx")
+    parser.add_argument("--calibration", metavar="DATA",
+                        help="calibration images for --int8 (image-folder root, builtin:digits, ...)")
+    parser.add_argument("--calibration-images", type=int, default=64)
+    parser.add_argument("--heldout-images", type=int, default=64)
+    parser.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository")
+    parser.add_argument("--triton-max-batch", type=int, default=32)
+    parser.add_argument("--report", metavar="JSON", help="write the export report here")
+
+
+def main(args: argparse.Namespace) -> int:
+    from s4l.service.export import export_onnx
+
+    from s4l.errors import UserError
+
+    if args.int8 and not args.calibration:
+        raise UserError("--int8 needs --calibration DATA (images to calibrate activation ranges)")
+    if args.calibration and not args.int8:
+        raise UserError("--calibration is only used with --int8")
+    report = export_onnx(args.checkpoint, args.out, use_ema=args.use_ema,
+                         int8_calibration=args.calibration if args.int8 else None,
+                         calibration_images=args.calibration_images,
+                         heldout_images=args.heldout_images, triton_repo=args.triton_repo,
+                         triton_max_batch_size=args.triton_max_batch)
+    log.info("wrote %s (embedding %d, classes %s); torch vs onnxruntime max relative error %s",
+             report.onnx_path, report.embedding_dim, report.num_classes, report.parity)
+    if report.int8:
+        log.info("int8 vs fp32 on %d held-out images: %s", report.int8["heldout_images"], report.int8)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0

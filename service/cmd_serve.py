@@ -1,0 +1,57 @@
+"""`s4l serve`: the HTTP feature service on an exported ONNX model (no torch imported)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "serve an exported ONNX model over HTTP (/embed, /classify, /healthz, /readyz, /info, /metrics)"
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    # Defaults None: unset options fall back to S4L_* environment variables, then Settings defaults.
+    parser.add_argument("--model", help="ONNX file from `s4l export` (env S4L_MODEL)")
+    parser.add_argument("--host", help="bind address (env S4L_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (env S4L_PORT, default 8000)")
+    parser.add_argument("--provider", choices=["cpu", "cuda", "auto"],
+                        help="execution provider (env S4L_PROVIDER, default cpu); cuda refuses to "
+                             "start without CUDA")
+    parser.add_argument("--max-batch-size", type=int, help="env S4L_MAX_BATCH_SIZE (default 32)")
+    parser.add_argument("--max-wait-ms", type=float, help="env S4L_MAX_WAIT_MS (default 5)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+    from s4l.service.app import create_app, load_backend
+    from s4l.service.backend import ModelLoadError
+    from s4l.service.settings import Settings
+
+    from s4l.errors import UserError
+
+    overrides = {k: v for k, v in {
+        "model": args.model, "host": args.host, "port": args.port, "provider": args.provider,
+        "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms}.items()
+        if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        raise UserError(f"bad server settings: {e}") from e
+    if settings.model is None:
+        raise UserError("no model: pass --model model.onnx or set S4L_MODEL")
+    try:
+        backend = load_backend(settings)
+    except ModelLoadError as e:
+        raise UserError(str(e)) from e
+    app = create_app(settings, backend=backend)
+    log.info("serving %s on http://%s:%d (%s)", settings.model, settings.host, settings.port,
+             backend.provider)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=settings.graceful_shutdown_s,
+                            limit_concurrency=None, access_log=False)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
