@@ -1,0 +1,155 @@
+"""`s4l export` / export_onnx: the ONNX contract, torch parity, EMA, int8, Triton repo, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_image_folder
+from test_server_support import CLASSES, jpeg_bytes, make_checkpoint
+
+from s4l.cli import main as s4l_main
+from s4l.errors import UserError
+from s4l.imaging import PreprocessSpec, decode_image, eval_crop
+from s4l.service import export as export_mod
+from s4l.service.export import FP32_TOLERANCE, export_onnx
+from s4l.training.checkpoint import load_for_inference
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def _meta(path):
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_onnx_contract_and_parity(ckpt, tmp_path):
+    out = tmp_path / "m.onnx"
+    report = export_onnx(ckpt, out)
+    assert max(report.parity.values()) < FP32_TOLERANCE
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (inp,) = sess.get_inputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [32, 32, 3])
+    assert isinstance(inp.shape[0], str)  # dynamic batch
+    assert [o.name for o in sess.get_outputs()] == ["embedding", "logits"]
+
+    meta = _meta(out)
+    inf = load_for_inference(ckpt)
+    assert PreprocessSpec.from_dict(meta["s4l.preprocess"]) == inf.preprocess
+    assert json.loads(meta["s4l.class_names"]) == list(CLASSES)
+    assert int(meta["s4l.embedding_dim"]) == inf.model.num_features == 128
+    assert meta["s4l.checkpoint_sha256"] == inf.sha256
+    assert meta["s4l.config_hash"] == torch.load(ckpt, weights_only=False)["config_hash"]
+    assert meta["s4l.version"]
+
+    # Any batch size; the [-1, 1] scaling is inside the graph: compare with torch on real JPEG crops.
+    crops = np.stack([eval_crop(decode_image(jpeg_bytes(seed=i)), inf.preprocess) for i in range(5)])
+    emb, logits = sess.run(None, {"images": crops})
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        ref = inf.model(x, heads=("classes",))
+    np.testing.assert_allclose(emb, ref["pre_logits"].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits, ref["classes"].numpy(), rtol=1e-4, atol=1e-5)
+    assert sess.run(None, {"images": crops[:1]})[0].shape == (1, 128)
+
+
+def test_model_without_class_head(tmp_path):
+    ck = make_checkpoint(tmp_path / "nohead.pt", classes=())
+    out = tmp_path / "nohead.onnx"
+    report = export_onnx(ck, out)
+    assert report.num_classes is None
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["embedding"]
+    assert "s4l.class_names" not in _meta(out)
+
+
+def test_ema_weights_are_exported_when_asked(tmp_path, ckpt):
+    ck = make_checkpoint(tmp_path / "ema.pt", with_ema=True)
+    export_onnx(ck, tmp_path / "ema.onnx", use_ema=True)
+    export_onnx(ck, tmp_path / "raw.onnx", use_ema=False)
+    assert _meta(tmp_path / "ema.onnx")["s4l.used_ema"] == "true"
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    a = ort.InferenceSession(str(tmp_path / "ema.onnx")).run(None, {"images": x})[0]
+    b = ort.InferenceSession(str(tmp_path / "raw.onnx")).run(None, {"images": x})[0]
+    assert not np.allclose(a, b)
+    with pytest.raises(UserError, match="no EMA"):
+        export_onnx(ckpt, tmp_path / "x.onnx", use_ema=True)
+
+
+def test_parity_failure_writes_nothing(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "FP32_TOLERANCE", 0.0)  # no real export is that exact
+    out = tmp_path / "m.onnx"
+    with pytest.raises(UserError, match="disagrees with torch"):
+        export_onnx(ckpt, out)
+    assert not out.exists() and not list(tmp_path.glob(".*tmp"))
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="cannot be read|not an s4l checkpoint"):
+        export_onnx(bad, tmp_path / "m.onnx")
+    assert s4l_main(["export", "--checkpoint", str(tmp_path / "missing.pt"),
+                     "--out", str(tmp_path / "m.onnx")]) == 2
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_with_triton_repo(ckpt, tmp_path):
+    out, repo, rep = tmp_path / "m.onnx", tmp_path / "triton", tmp_path / "report.json"
+    assert s4l_main(["export", "--checkpoint", str(ckpt), "--out", str(out),
+                     "--triton-repo", str(repo), "--triton-max-batch", "16",
+                     "--report", str(rep)]) == 0
+    assert json.loads(rep.read_text())["parity"]["embedding"] < FP32_TOLERANCE
+    model_dir = repo / "s4l"
+    assert (model_dir / "1" / "model.onnx").read_bytes() == out.read_bytes()
+    assert (model_dir / "labels.txt").read_text().split() == list(CLASSES)
+    cfg = (model_dir / "config.pbtxt").read_text()
+    for needle in ['backend: "onnxruntime"', "max_batch_size: 16", "dynamic_batching {",
+                   'name: "images"', "data_type: TYPE_UINT8", "dims: [ 32, 32, 3 ]",
+                   'name: "embedding"', "dims: [ 128 ]", 'name: "logits"', "dims: [ 3 ]",
+                   'label_filename: "labels.txt"']:
+        assert needle in cfg, needle
+    assert cfg.count("{") == cfg.count("}") and cfg.count("[") == cfg.count("]")
+
+
+def test_cli_int8_needs_calibration(ckpt, tmp_path):
+    assert s4l_main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx"),
+                     "--int8"]) == 2
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_static_quantisation(ckpt, tmp_path):
+    data = make_image_folder(tmp_path / "calib", splits=("train",), per_class=6, size=40)
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert s4l_main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--int8",
+                     "--calibration", str(data), "--calibration-images", "10",
+                     "--heldout-images", "8", "--report", str(rep)]) == 0
+    report = json.loads(rep.read_text())["int8"]
+    assert report["heldout_images"] == 8 and report["calibration_images"] == 10
+    assert 0.0 <= report["top1_agreement"] <= 1.0
+    assert 0.5 < report["embedding_cosine_mean"] <= 1.0 + 1e-6
+    proto = onnx.load(str(out))
+    assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["s4l.quantization"] == "int8-qdq" and "s4l.preprocess" in meta
+    fp32 = tmp_path / "q.fp32.onnx"
+    assert fp32.exists() and _meta(fp32)["s4l.quantization"] == "none"
+    # The int8 file is a servable model: same contract as fp32.
+    from s4l.service.backend import OnnxBackend
+
+    backend = OnnxBackend(out)
+    res = backend.run(np.zeros((3, 32, 32, 3), np.uint8))
+    assert res["embedding"].shape == (3, 128) and res["logits"].shape == (3, 3)
+
+
+def test_int8_with_too_few_calibration_images(ckpt, tmp_path):
+    data = make_image_folder(tmp_path / "calib", splits=("train",), per_class=1)
+    with pytest.raises(UserError, match="need"):
+        export_onnx(ckpt, tmp_path / "q.onnx", int8_calibration=str(data),
+                    calibration_images=8, heldout_images=8)
