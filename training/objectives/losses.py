@@ -47,9 +47,14 @@ def rotate_copies(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rotated.reshape(n * NUM_ROTATIONS, *images.shape[1:]), labels
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 when given float64 (never narrower than float32)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean softmax cross-entropy over the batch, in float32."""
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(_wide(logits), labels)
 
 
 @torch.no_grad()
@@ -64,14 +69,14 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     S4L_REFERENCE.md section 3 ("Entropy minimisation"), on clean predictions; gradients flow
     through the logits.
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(_wide(logits), dim=-1)
     return -(logp.exp() * logp).sum(dim=-1).mean()
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """Per-row KL[softmax(p_logits) || softmax(q_logits)] in float32, shape [N]."""
-    logp = F.log_softmax(p_logits.float(), dim=-1)
-    logq = F.log_softmax(q_logits.float(), dim=-1)
+    """Per-row KL[softmax(p_logits) || softmax(q_logits)] (float32 or wider), shape [N]."""
+    logp = F.log_softmax(_wide(p_logits), dim=-1)
+    logq = F.log_softmax(_wide(q_logits), dim=-1)
     return (logp.exp() * (logp - logq)).sum(dim=-1)
 
 

@@ -74,6 +74,7 @@ def virtual_adversarial_direction(
     xi: float,
     iterations: int = 1,
     direction: str = "perturbed_clean",
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unit-norm (per image) approximation of the top eigenvector of the KL's Hessian at x.
 
@@ -83,14 +84,16 @@ def virtual_adversarial_direction(
     `reference_logits` must equal forward(images) in float32; None computes it here (needed when
     the caller's clean logits came from bf16 autocast or from a different batch composition,
     where their difference to the perturbed pass would swamp the xi-sized signal).
+    `noise` is the power method's start r (default r ~ N(0, I) from torch's global RNG).
     """
     with torch.autocast(device_type=images.device.type, enabled=False), torch.enable_grad():
-        x = images.detach().float()
+        x = images.detach()
+        x = x if x.dtype == torch.float64 else x.float()
         if reference_logits is None:
             with torch.no_grad():
                 reference_logits = forward(x)
-        reference = reference_logits.detach().float()
-        d = torch.randn_like(x)
+        reference = reference_logits.detach().to(x.dtype)
+        d = torch.randn_like(x) if noise is None else noise.detach().to(x.dtype)
         for _ in range(iterations):
             d = (xi * normalize_per_example(d)).requires_grad_(True)
             divergence = vat_kl(forward(x + d), reference, direction)
