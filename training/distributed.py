@@ -91,6 +91,15 @@ def broadcast_module(module: nn.Module, env: DistEnv) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def broadcast_buffers(module: nn.Module, env: DistEnv) -> None:
+    """Give every process rank 0's BN running statistics (each process updates its own)."""
+    if not env.enabled:
+        return
+    with torch.no_grad():
+        for b in module.buffers():
+            dist.broadcast(b.data, src=0)
+
+
 def all_reduce_mean(values: dict[str, torch.Tensor], env: DistEnv) -> dict[str, torch.Tensor]:
     """Mean of 0-d metric tensors over processes (one collective for all of them)."""
     if not env.enabled or not values:
@@ -172,6 +181,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "broadcast_buffers",
     "broadcast_module",
     "convert_sync_batchnorm",
     "setup",

@@ -616,8 +616,10 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise UserError(
-            f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)} "
-            "(`s4l train --list-presets` shows each with its paper row and number)"
+            f"unknown preset {name!r}; valid presets: "
+            f"{', '.join(p.name for p in PRESETS.values() if not p.smoke)} (each also has a "
+            "tiny CPU variant NAME-smoke; `s4l train --list-presets` shows each preset with its "
+            "paper row and number)"
         ) from None
 
 
