@@ -127,17 +127,28 @@ class MicroBatcher:
             try:
                 arr = np.stack([it.image for it in batch])
                 outs = await loop.run_in_executor(self._executor, self._run, arr)
-            except Exception as e:  # one failing batch fails its images, never the server
-                log.exception("inference failed for a batch of %d", len(batch))
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(e)
+            except Exception:  # never the server; and one image must not fail its batch-mates
+                log.exception("inference failed for a batch of %d; retrying one by one", len(batch))
+                await self._one_by_one(batch)
                 continue
             if self._observer:
                 self._observer.batch(len(batch), loop.time() - t0)
             for i, it in enumerate(batch):
                 if not it.future.done():
                     it.future.set_result({k: v[i] for k, v in outs.items()})
+
+    async def _one_by_one(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        for it in batch:
+            if it.future.done():
+                continue
+            try:
+                outs = await loop.run_in_executor(self._executor, self._run, it.image[None])
+            except Exception as e:
+                it.future.set_exception(e)
+                continue
+            if not it.future.done():
+                it.future.set_result({k: v[0] for k, v in outs.items()})
 
 
 class _Admission:
