@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from s4l.evaluation.val_study import balanced_draw, model_names, study
@@ -70,3 +72,54 @@ def test_bad_input():
     with pytest.raises(UserError, match=">= 1"):
         study(correct, labels, per_class=[0])
     assert model_names(["/a/x/m.pt", "/a/y/m.pt", "/a/y/n.pt"]) == ["x/m", "y/m", "y/n"]
+
+
+def test_command_end_to_end_on_real_checkpoints(tmp_path):
+    import h5py
+    import torch
+    from conftest import make_image_folder
+    from s4l.training.model import ModelSpec, build_model
+    from test_extract import make_checkpoint
+
+    from s4l.cli import main as cli_main
+
+    pool = make_image_folder(tmp_path / "pool", splits=("val",), classes=("a", "b", "c"),
+                             per_class=8, size=36)
+    models = [str(make_checkpoint(tmp_path / f"sweep/lr{i}.pt", seed=i)) for i in range(4)]
+    out = tmp_path / "study"
+    argv = ["val-study", "--models", *models, "--data", str(pool), "--split", "val",
+            "--out", str(out), "--per-class", "1", "5", "--draws", "4", "--workers", "0",
+            "--no-progress"]
+    assert cli_main(argv) == 0
+    r = json.loads((out / "val_study.json").read_text())
+    assert (out / "val_study.png").stat().st_size > 10_000
+    assert r["models"] == ["lr0", "lr1", "lr2", "lr3"] and r["pool_images"] == 24
+    assert r["sizes"]["5_per_class"]["images"] == 15
+    # The full-pool accuracies are those of the models' own logits on the pool.
+    for acc, inp in zip(r["full_accuracy"], r["inputs"]):
+        with h5py.File(inp["logits_file"], "r") as f:
+            want = 100 * (f["logits"][...].argmax(1) == f["labels"][...]).mean()
+        assert acc == pytest.approx(want)
+    # Rerun: the extracted logits are reused, the report needs --overwrite.
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "logits").glob("*.h5")}
+    assert cli_main(argv) == 2
+    assert cli_main([*argv, "--overwrite"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "logits").glob("*.h5")} == stamp
+    # A model without a class head cannot be scored.
+    spec = ModelSpec(width=0.0625, stem="small", heads={"rotation": 4})
+    from s4l.training.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "rot.pt", {
+        "model_spec": spec.to_dict(), "model": build_model(spec).state_dict(), "ema": None,
+        "config": {}, "config_hash": "x", "class_names": None,
+        "preprocess": {"resize": 36, "crop": 32, "interpolation": "area"}, "step": 0, "epoch": 0,
+        "optimizer": None, "rng": None, "data_state": None, "provenance": {},
+    })
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match="no class head"):
+        from s4l.evaluation.val_study import run_val_study
+
+        run_val_study([models[0], str(tmp_path / "rot.pt")], str(pool), "val", tmp_path / "s2",
+                      workers=0, progress=False)
+    with pytest.raises(UserError, match="at least 2"):
+        run_val_study([models[0]], str(pool), "val", tmp_path / "s3")
