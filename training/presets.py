@@ -125,6 +125,8 @@ def _base(
 ) -> TrainConfig:
     """The ImageNet config of a row, then scaled down for CIFAR-10 / Imagenette."""
     warm, decay, total = sched
+    # The release's exemplar pipeline is crop|hsvnoise|flip for every one of the 8 copies.
+    hsv = hsv or objective.name in ("exemplar", "s4l-exemplar")
     per_class = IMAGENET_LABELS[labels] if labels else None
     cfg = TrainConfig(
         model=ModelConfig(width=width, stem="imagenet"),

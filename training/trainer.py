@@ -148,11 +148,9 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
     if dev.type == "cpu" and cfg.precision == "bf16":
         log.info("bf16 autocast on CPU")
 
-    # ---------------------------------------------------------------- data
-    from s4l.training import data as data_lib
-
-    data = data_lib.build_train_data(cfg, rank=env.rank, world_size=env.world_size)
-    class_names = list(data.class_names)
+    # ---------------------------------------------------------------- data (sources)
+    data = _Data(cfg, env)
+    class_names = data.class_names
 
     # ---------------------------------------------------------------- model + objective
     objective = build_objective(cfg.objective.name, cfg.objective.objective_config(),
@@ -218,9 +216,9 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
     saver = _Saver(workdir, cfg, spec, class_names, preprocess, env, init_info)
 
     # ---------------------------------------------------------------- loop
-    stream = data.train_batches(start_step=step, labelled_per_shard=plan.labelled_per_shard,
-                                unlabelled_per_shard=plan.unlabelled_per_shard,
-                                shards=plan.shards_per_process, copies=objective.copies)
+    stream = data.stream(objective, plan, env)
+    if resume_path is not None:
+        stream.load_state_dict(state["data_state"])
     autocast = _autocast(cfg.precision, dev)
     bad_step = torch.full((), -1, dtype=torch.long, device=dev)
     sums: dict[str, torch.Tensor] = {}
@@ -287,6 +285,112 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
         _write_json(workdir / FINAL_FILE, final)
     log.info("finished %s at step %d: %s", cfg.preset, step, _fmt(final))
     return final
+
+
+# ============================================================================ data
+
+
+class _Data:
+    """The run's images: training source, labelled / unlabelled / held-out index lists, the
+    eval split, and the training stream cut into BN shards (`s4l.training.data` does the
+    deterministic, resumable, rank-sliced loading)."""
+
+    def __init__(self, cfg: C.TrainConfig, env: D.DistEnv) -> None:
+        from s4l.datasets import check_same_classes, open_source, training_subsets
+
+        d = cfg.data
+        self.cfg, self.env = cfg, env
+        self.source = open_source(d.root, d.train_split)
+        self.class_names = list(self.source.classes)
+        if len(self.class_names) < 2:
+            raise UserError(f"{d.root} has {len(self.class_names)} class(es); need at least 2")
+        sub = training_subsets(self.source, label_map=d.labels,
+                               labels_per_class=d.labels_per_class,
+                               label_fraction=d.label_fraction, label_seed=d.label_seed,
+                               val_per_class=d.val_per_class)
+        self.labelled, self.unlabelled, self.heldout = sub.labelled, sub.unlabelled, sub.val
+        self.label_override = None
+        if d.pseudo_labels:
+            from s4l.training.pseudo_label import read_pseudo_labels
+
+            if any(v is not None for v in (d.labels, d.labels_per_class, d.label_fraction)):
+                raise UserError("data.pseudo_labels trains on ALL images with the file's labels; "
+                                "do not also give a labelled subset (--labels*)")
+            # The student's labelled stream is every training image (minus the held-out ones)
+            # with the file's hard labels: ground truth where labelled, the teacher's otherwise.
+            self.label_override = read_pseudo_labels(d.pseudo_labels, self.source)
+            self.labelled = list(self.unlabelled)
+        self.eval_source = open_source(d.root, d.eval_split)
+        check_same_classes(self.source, self.eval_source)
+        self.n_labelled = len(self.labelled)
+        self.n_unlabelled = len(self.unlabelled)
+
+    def stream(self, objective: Objective, plan: Plan, env: D.DistEnv) -> _ShardStream:
+        from s4l.training.data import make_train_loaders
+
+        d, o = self.cfg.data, self.cfg.optim
+        common = dict(image_size=d.image_size, copies=objective.copies, hsv_noise=d.hsv_noise,
+                      crop_min_area=d.crop_min_area, seed=self.cfg.seed, rank=env.rank,
+                      world_size=env.world_size, workers=d.workers)
+        if objective.uses_labelled:
+            data = make_train_loaders(
+                self.source, self.labelled, self.unlabelled, batch_size=o.batch_size,
+                unsup_batch_size=o.batch_size * o.unsup_batch_mult if objective.uses_unlabelled
+                else 0, labels=self.label_override, **common)
+        else:
+            # Purely self-supervised: the one stream is the whole split (no labels used).
+            data = make_train_loaders(self.source, self.unlabelled, None,
+                                      batch_size=o.batch_size * o.unsup_batch_mult, **common)
+        return _ShardStream(data, objective, plan)
+
+    def eval_loaders(self) -> dict[str, Any]:
+        """{"eval": the eval split, "heldout": the tiny validation split (if any)}."""
+        from s4l.training.data import make_eval_loader
+
+        d = self.cfg.data
+        spec = PreprocessSpec(resize=d.eval_resize, crop=d.image_size, interpolation="area")
+        kw = dict(spec=spec, batch_size=d.eval_batch_size, workers=min(d.workers, 2),
+                  rank=self.env.rank, world_size=self.env.world_size)
+        loaders = {"eval": make_eval_loader(self.eval_source, limit=d.eval_limit, **kw)}
+        if self.heldout:
+            loaders["heldout"] = make_eval_loader(self.source, self.heldout, **kw)
+        return loaders
+
+
+class _ShardStream:
+    """Yields, per step, this process's list of BN shards (batch dicts for the objective)."""
+
+    def __init__(self, data, objective: Objective, plan: Plan) -> None:
+        self.data, self.objective, self.plan = data, objective, plan
+        self._it = None
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        if self._it is None:
+            self._it = iter(self.data)
+        (x_l, y_l), unl = next(self._it)
+        obj, p = self.objective, self.plan
+        shards = []
+        for j in range(p.shards_per_process):
+            batch: dict[str, torch.Tensor] = {}
+            if obj.uses_labelled:
+                sl = slice(j * p.labelled_per_shard, (j + 1) * p.labelled_per_shard)
+                batch["labelled"], batch["labels"] = x_l[sl], y_l[sl]
+                if obj.uses_unlabelled:
+                    su = slice(j * p.unlabelled_per_shard, (j + 1) * p.unlabelled_per_shard)
+                    batch["unlabelled"] = unl[0][su]
+            else:
+                su = slice(j * p.unlabelled_per_shard, (j + 1) * p.unlabelled_per_shard)
+                batch["unlabelled"] = x_l[su]
+            shards.append(batch)
+        return shards
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.data.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._it is not None:
+            raise RuntimeError("load the data state before the first batch")
+        self.data.load_state_dict(state)
 
 
 # ============================================================================ pieces of a step
@@ -383,7 +487,7 @@ def evaluate(model: nn.Module, objective: Objective, data, cfg: C.TrainConfig,
         k = min(5, len(data.class_names))
         counts = torch.zeros(1 + 2 * len(modes), dtype=torch.float64, device=env.device)
         for images, labels in loader:
-            images = images.to(env.device, non_blocking=True)
+            images = images.flatten(0, 1).to(env.device, non_blocking=True)  # [b, 1, ...] -> [b, ...]
             labels = labels.to(env.device, non_blocking=True)
             counts[0] += labels.numel()
             for j, (_, rot) in enumerate(modes):
@@ -524,8 +628,7 @@ class _Saver:
                 "epoch": step / plan.steps_per_epoch,
                 "optimizer": optimizer.state_dict(),
                 "rng": rngs,
-                "data_state": stream.state_dict() if hasattr(stream, "state_dict")
-                else {"step": step},
+                "data_state": stream.state_dict(),
                 "provenance": prov,
             }
             try:
