@@ -105,7 +105,8 @@ class ServerProcess:
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self._logf.flush()
+        if not self._logf.closed:
+            self._logf.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self, timeout: float = 30.0) -> int:
