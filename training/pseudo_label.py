@@ -179,8 +179,9 @@ def pseudo_label(checkpoint: str | os.PathLike, data_root: str, out: str | os.Pa
     otherwise the teacher's own labelled subset, recomputed from its stored config (same data
     root, label spec and seed). Returns the summary (counts, agreement with ground truth).
     """
-    from s4l.datasets import open_source, read_label_map, select_labelled, training_subsets
     from s4l.training.checkpoint import file_sha256, load_for_inference, provenance
+
+    from s4l.datasets import open_source, read_label_map, select_labelled, training_subsets
 
     out = Path(out)
     if out.exists() and out.is_dir():
@@ -242,7 +243,7 @@ def pseudo_label(checkpoint: str | os.PathLike, data_root: str, out: str | os.Pa
     prov = provenance()
     prov.update(
         teacher_checkpoint=str(Path(checkpoint).resolve()), teacher_sha256=teacher.sha256,
-        teacher_config_hash=(teacher.config or {}).get("config_hash"),
+        teacher_config_hash=_config_hash(teacher.config),
         teacher_used_ema=teacher.used_ema, data_root=str(data_root), split=split,
         label_file=str(Path(labels).resolve()) if labels else None,
         label_file_sha256=file_sha256(labels) if labels else None,
@@ -256,6 +257,15 @@ def pseudo_label(checkpoint: str | os.PathLike, data_root: str, out: str | os.Pa
              "%.1f%% (5-crop x 4-rotation average: %.1f%%)", out, len(source), len(labelled_set),
              100 * summary["teacher_accuracy"], 100 * summary["averaged_accuracy"])
     return {**summary, "out": str(out)}
+
+
+def _config_hash(config: dict) -> str | None:
+    from s4l.training import config as C
+
+    try:
+        return C.config_hash(config) if config else None
+    except Exception:  # noqa: BLE001 - a foreign/older config: provenance only
+        return None
 
 
 def _write_atomic(path: Path, doc: dict) -> None:
