@@ -453,3 +453,47 @@ def test_moam_weights_and_parts_match_s4l_rotation():
     with torch.no_grad():  # EntMin on the rotated unlabelled images only
         xu = rotate_copies(batch["unlabelled"][:, 0])[0]
         torch.testing.assert_close(m["entropy"], entropy(_per_image_logits(model, xu, "classes")))
+
+
+# -- DDP ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def single_process_group():
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["s4l-rotation", "vat", "moam", "linear"])
+def test_ddp_wrapped_model_gets_the_unwrapped_gradients(name, single_process_group):
+    """A DDP-wrapped model (one process) trains with the plain model's gradients over several
+    steps, including the VAT objectives whose perturbed passes run on DDP's `.module`."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    obj = build_objective(name, ObjectiveConfig(), NUM_CLASSES)
+    torch.manual_seed(12)
+    plain = tiny_model(obj)
+    obj.prepare(plain)
+    wrapped = DistributedDataParallel(copy.deepcopy(plain))
+    obj.train_mode(plain)
+    obj.train_mode(wrapped)
+    batch = make_batch(obj, b_l=2, b_u=2)
+    for step in range(2):
+        for model in (plain, wrapped):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(100 + step)
+            obj(model, batch).loss.backward()
+    for (key, p), q in zip(plain.named_parameters(), wrapped.module.parameters(), strict=True):
+        if p.grad is None:
+            assert q.grad is None, key
+        else:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=key)

@@ -45,9 +45,12 @@ Notes for the trainer:
   the backbone and `train_mode` keeps the backbone in eval mode (BN running statistics used and
   not updated); calling the objective otherwise raises.
 - VAT-family objectives (`vat`, `vat-entmin`, `moam`) run their extra perturbed forwards on the
-  UNWRAPPED module (`base.unwrap_model`, i.e. DDP's `.module`): DDP allows one wrapped forward
-  per backward; gradients of the perturbed forward still reach the same parameters and are
-  averaged by DDP's hooks in the one backward. Those passes use batch statistics but leave BN
+  UNWRAPPED module (`base.unwrap_model`, i.e. DDP's `.module`), so they skip DDP's per-forward
+  work (buffer broadcast, unused-parameter search) and DDP sees one forward per backward; the
+  perturbed forward's gradients reach the same parameters and DDP's hooks average them with
+  the rest in the one backward (tested against an unwrapped model). Every parameter the
+  perturbed passes use is also used by the wrapped forward, and every objective uses all the
+  heads it asks for, so find_unused_parameters is not needed. Those passes use batch statistics but leave BN
   running statistics and num_batches_tracked untouched, and the power iteration runs in float32
   with autocast disabled. They draw r ~ N(0, I) from torch's global RNG.
 - Every loss is a mean over the local batch, so with equal per-process batch sizes DDP's

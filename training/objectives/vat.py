@@ -14,6 +14,14 @@ S4L_REFERENCE.md section 3 (the release's semi_supervised/vat.py and vat_utils.p
   reference it differences against) runs in float32 with autocast disabled, whatever the caller's
   autocast; the final perturbed forward (eps-sized, no precision issue) keeps the caller's
   autocast;
+- measured precision (tests/test_objectives.py, power-iteration tests): in float64 the finite
+  difference at xi = 1e-6 and at 1e-9 give the same direction (it is the Hessian-vector
+  product), and float32 at xi = 1e-3 matches it (cosine > 0.95); float32 at the release's
+  xi = 1e-6 does NOT (per-image cosines around +-0.5 on the tiny test network): the logit change
+  xi causes is at float32's rounding level. That direction is still a combination of the
+  network's input gradients and raises the KL far more than a random one, which is presumably
+  why the release works; `vat_xi` (default kept at the release's 1e-6) is the lever if the exact
+  direction matters;
 - VAT config: L = CE(labelled) + 0.5 * KL_vat (+ 1.0 * H for VAT+EntMin), VAT and the entropy H
   on the labelled AND unlabelled images (the release's apply_vat_to_labeled), all from one clean
   forward over [labelled; unlabelled].
