@@ -63,7 +63,9 @@ class CheckpointEncoder(Encoder):
         self.path = Path(path)
         inf = load_for_inference(self.path, use_ema=use_ema)
         self.device = torch.device(device or "cpu")
-        self.model = inf.model.to(self.device).eval()
+        # channels_last: oneDNN (CPU) and cuDNN run these convs faster in NHWC (1.4x measured on
+        # the standard ResNet50v2 on 2 CPU cores); the values agree with NCHW to float rounding.
+        self.model = inf.model.to(self.device, memory_format=torch.channels_last).eval()
         self.preprocess = inf.preprocess
         self.model_hash = inf.sha256
         self.file_sha256 = inf.sha256
@@ -77,6 +79,7 @@ class CheckpointEncoder(Encoder):
 
         with torch.inference_mode():
             x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+            x = x.contiguous(memory_format=torch.channels_last)
             feats = self.model.backbone.forward_features(x)
             pre = feats["pre_logits"]
             logits = self.model.heads["classes"](pre) if self.has_logits else None

@@ -1,0 +1,159 @@
+"""Benchmark: `s4l extract` end-to-end images/s into HDF5 vs the raw model on the same batches.
+
+The issue's target: with the standard-width ResNet50v2 at 224 px on Imagenette JPEGs, the whole
+extraction (JPEG decode + eval crop in worker processes, model, HDF5 shards, merge) runs at
+>= 0.9x the throughput of the bare model call on the same, already preprocessed batches, for
+both the checkpoint (torch) and the ONNX (onnxruntime) path. The raw throughput is measured in
+the same run, before and after the end-to-end run (their mean is the reference), because the
+machines are shared and noisy.
+
+    .venv/bin/python benchmarks/extract.py --n 256           # both paths, ~2-3 minutes on 2 CPUs
+    .venv/bin/python benchmarks/extract.py --n 64 --paths onnx
+
+Writes benchmarks/results/extract.json. Not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CACHE = Path(os.environ.get("S4L_TEST_CACHE", Path.home() / ".cache" / "s4l-test-data"))
+log = logging.getLogger("bench.extract")
+
+
+def imagenette_root() -> Path:
+    """Imagenette unpacked in the test cache (the same place tests/conftest.py uses)."""
+    dest = CACHE / "imagenette-224"
+    if (CACHE / ".imagenette-224.done").exists():
+        return dest
+    archive = SHARED / "imagenette-224.tar.gz"
+    if not archive.exists():
+        sys.exit(f"{archive} is absent: this benchmark needs the Imagenette JPEGs")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE))
+    with tarfile.open(archive) as tf:
+        tf.extractall(tmp, filter="data")
+    os.replace(tmp / "imagenette-224", dest)
+    tmp.rmdir()
+    (CACHE / ".imagenette-224.done").touch()
+    return dest
+
+
+def write_list(root: Path, n: int, lst: Path) -> list[str]:
+    """The first n val images, round-robin over classes, as a Places205-format list file."""
+    by_class = [sorted(d.glob("*.JPEG")) for d in sorted((root / "val").iterdir()) if d.is_dir()]
+    rows, i = [], 0
+    while len(rows) < n:
+        for c, files in enumerate(by_class):
+            if i < len(files) and len(rows) < n:
+                rows.append((files[i].relative_to(root).as_posix(), c))
+        i += 1
+    lst.write_text("".join(f"{p} {c}\n" for p, c in rows))
+    return [str(root / p) for p, _ in rows]
+
+
+def raw_throughput(encoder, crops: np.ndarray, batch_size: int, layer: str) -> float:
+    encoder(crops[:batch_size], layer)  # warm-up
+    t0 = time.perf_counter()
+    for lo in range(0, len(crops), batch_size):
+        encoder(crops[lo : lo + batch_size], layer)
+    return len(crops) / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=256, help="images (default 256)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=None, help="decode workers (default: spare cores)")
+    ap.add_argument("--paths", nargs="+", choices=("checkpoint", "onnx"), default=["checkpoint", "onnx"])
+    ap.add_argument("--width", type=float, default=1.0, help="ResNet50v2 width (1.0 = standard)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "extract.json"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    import torch
+    from s4l.evaluation.encoders import open_encoder
+    from s4l.evaluation.extract import ExtractConfig, default_workers, extract
+    from s4l.training.checkpoint import save_checkpoint
+    from s4l.training.model import ModelSpec, build_model
+
+    from s4l.imaging import PreprocessSpec, decode_image, eval_crop
+
+    root = imagenette_root()
+    work = Path(tempfile.mkdtemp(prefix="s4l-bench-extract-"))
+    lst = work / "list.txt"
+    files = write_list(root, args.n, lst)
+    data = f"places205:{lst}@{root}"
+    spec = PreprocessSpec()  # 256 / 224, area: the release's eval crop
+
+    # A standard-width model with random weights: throughput does not depend on the values.
+    torch.manual_seed(0)
+    mspec = ModelSpec(width=args.width, heads={"classes": 10})
+    ckpt = work / "model.pt"
+    save_checkpoint(ckpt, {
+        "model_spec": mspec.to_dict(), "model": build_model(mspec).state_dict(), "ema": None,
+        "config": {"benchmark": True}, "config_hash": "bench", "class_names": None,
+        "preprocess": spec.to_dict(), "step": 0, "epoch": 0, "optimizer": None, "rng": None,
+        "data_state": None, "provenance": {},
+    })
+    models = {"checkpoint": (ckpt, "pre_logits")}
+    if "onnx" in args.paths:
+        from s4l.service.export import export_onnx
+
+        export_onnx(ckpt, work / "model.onnx")
+        models["onnx"] = (work / "model.onnx", "embedding")
+
+    log.info("preprocessing %d images once for the raw-model reference", len(files))
+    crops = np.stack([eval_crop(decode_image(f), spec) for f in files])
+    results = {}
+    for name in args.paths:
+        path, layer = models[name]
+        encoder = open_encoder(path)
+        raw1 = raw_throughput(encoder, crops, args.batch_size, layer)
+        out = work / f"{name}.h5"
+        t0 = time.perf_counter()
+        summary = extract(ExtractConfig(model=str(path), data=data, out=str(out), split="val",
+                                        layer=layer, batch_size=args.batch_size,
+                                        workers=args.workers, shard_size=max(args.n // 4, 1)))
+        e2e = summary["rows"] / (time.perf_counter() - t0)
+        raw2 = raw_throughput(encoder, crops, args.batch_size, layer)
+        raw = (raw1 + raw2) / 2
+        results[name] = {"raw_images_per_s": raw, "raw_before": raw1, "raw_after": raw2,
+                         "end_to_end_images_per_s": e2e, "ratio": e2e / raw, "rows": summary["rows"]}
+        print(f"{name:10s} raw model {raw:7.2f} img/s (before {raw1:.2f}, after {raw2:.2f})  "
+              f"end-to-end {e2e:7.2f} img/s  ratio {e2e / raw:.3f} (target >= 0.9)")
+        del encoder
+    report = {
+        "benchmark": "extract",
+        "what": "end-to-end s4l extract images/s (whole command incl. model load, decode, HDF5 "
+                "merge) / raw model images/s on the same preprocessed batches",
+        "n": args.n, "batch_size": args.batch_size,
+        "workers": default_workers() if args.workers is None else args.workers,
+        "width": args.width, "image_size": spec.crop,
+        "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(), "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
