@@ -161,7 +161,7 @@ def inception_crop(img: Image.Image | np.ndarray, size: int | tuple[int, int],
                                       max_attempts=max_attempts)
     # np.array copies: a PIL-backed array is read-only, which torch.from_numpy warns about.
     crop = torch.from_numpy(np.array(arr[top:top + h, left:left + w], dtype=np.float32))
-    crop = crop.permute(2, 0, 1)
+    crop = crop.permute(2, 0, 1).contiguous()
     out_hw = (size, size) if isinstance(size, int) else tuple(size)
     return resize_bilinear(crop, out_hw, half_pixel_centers=half_pixel_centers).contiguous()
 
@@ -173,17 +173,18 @@ def inception_crop(img: Image.Image | np.ndarray, size: int | tuple[int, int],
 def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     """RGB in [0, 1] on dim -3 to HSV in [0, 1] (hue as a fraction of the colour circle)."""
     r, g, b = rgb.unbind(-3)
-    maxc, _ = rgb.max(-3)
-    minc, _ = rgb.min(-3)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
     delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    # 1/0 = inf is never selected: where() picks 0 there, so no NaN reaches the output.
+    inv_delta = torch.where(delta > 0, delta.reciprocal(), 0.0)
     hue = torch.where(
-        maxc == r, (g - b) / safe,
-        torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
-    ) / 6.0
-    hue = torch.where(delta > 0, torch.remainder(hue, 1.0), torch.zeros_like(hue))
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
-                      torch.zeros_like(maxc))
+        maxc == r, (g - b) * inv_delta,
+        torch.where(maxc == g, (b - r) * inv_delta + 2.0, (r - g) * inv_delta + 4.0),
+    )
+    hue = hue * (1.0 / 6.0)  # in [-1/6, 5/6): one wrap suffices
+    hue = torch.where(delta > 0, torch.where(hue < 0, hue + 1.0, hue), 0.0)
+    sat = delta * torch.where(maxc > 0, maxc.reciprocal(), 0.0)
     return torch.stack([hue, sat, maxc], dim=-3)
 
 
