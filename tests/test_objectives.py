@@ -89,6 +89,9 @@ def test_config_defaults_are_the_release_values_and_round_trip():
     assert isinstance(changed.vat_eps, float)
     with pytest.raises(UserError, match="unknown objective config keys"):
         ObjectiveConfig.from_dict({"vat_epsilon": 1.0})
+    assert cfg.vat_hessian_product == "finite_difference"
+    with pytest.raises(UserError, match="vat_hessian_product"):
+        ObjectiveConfig(vat_hessian_product="exact")
     with pytest.raises(UserError, match="vat_kl_direction"):
         ObjectiveConfig(vat_kl_direction="forward")
     with pytest.raises(UserError, match="must be a number"):
@@ -301,9 +304,10 @@ def test_adversarial_direction_beats_a_random_direction(seed):
 
 
 def test_power_iteration_computes_the_hessian_vector_product():
-    """In float64 the finite difference at xi = 1e-6 and 1e-9 agree (it is H d, not noise), and
-    float32 agrees with it at a resolvable xi of 1e-3. (At the release's xi = 1e-6, float32
-    cannot resolve the difference; see the report in vat.py's docstring.)"""
+    """In float64 the finite difference at xi = 1e-6 and 1e-9 agree (it is H d, not noise);
+    float32 agrees with it at a resolvable xi of 1e-3, and the forward-mode product agrees in
+    float32. (At the release's xi = 1e-6, float32 cannot resolve the finite difference; see
+    vat.py's docstring.)"""
     torch.manual_seed(5)
     model = build_model(ModelSpec(width=0.0625, stem="small", heads={"classes": NUM_CLASSES}))
     model64 = copy.deepcopy(model).double()
@@ -317,16 +321,24 @@ def test_power_iteration_computes_the_hessian_vector_product():
             for xi in (1e-6, 1e-9)
         ]
         d32 = virtual_adversarial_direction(_classes(model), x, None, xi=1e-3, noise=noise)
+        exact32 = virtual_adversarial_direction(
+            _classes(model), x, None, xi=1e-6, noise=noise, method="forward_mode"
+        )
     assert d64[0].dtype == torch.float64 and d32.dtype == torch.float32
     cos64 = (d64[0] * d64[1]).flatten(1).sum(1)
     cos32 = (d64[0] * d32.double()).flatten(1).sum(1)
+    cos_exact = (d64[0] * exact32.double()).flatten(1).sum(1)
     assert (cos64 > 0.999).all(), cos64
     assert (cos32 > 0.95).all(), cos32
+    assert (cos_exact > 0.999).all(), cos_exact
+    with pytest.raises(ValueError, match="method"):
+        virtual_adversarial_direction(_classes(model), x, None, xi=1e-6, method="exact")
 
 
+@pytest.mark.parametrize("method", ["finite_difference", "forward_mode"])
 @pytest.mark.parametrize("name", ["vat", "vat-entmin", "moam"])
-def test_vat_passes_leave_bn_running_statistics_alone(name):
-    obj = build_objective(name, ObjectiveConfig(), NUM_CLASSES)
+def test_vat_passes_leave_bn_running_statistics_alone(name, method):
+    obj = build_objective(name, ObjectiveConfig(vat_hessian_product=method), NUM_CLASSES)
     torch.manual_seed(6)
     model = tiny_model(obj).train()
     reference = copy.deepcopy(model)
@@ -366,9 +378,10 @@ class _StemRecorder:
         self.calls.append((torch.is_autocast_enabled("cpu"), x.requires_grad, output.dtype, x))
 
 
+@pytest.mark.parametrize("method", ["finite_difference", "forward_mode"])
 @pytest.mark.parametrize("name", ["vat", "moam"])
-def test_power_iteration_runs_in_fp32_under_bf16_autocast(name):
-    obj = build_objective(name, ObjectiveConfig(), NUM_CLASSES)
+def test_power_iteration_runs_in_fp32_under_bf16_autocast(name, method):
+    obj = build_objective(name, ObjectiveConfig(vat_hessian_product=method), NUM_CLASSES)
     torch.manual_seed(7)
     model = tiny_model(obj).train()
     rec = _StemRecorder(model)
@@ -379,11 +392,13 @@ def test_power_iteration_runs_in_fp32_under_bf16_autocast(name):
     # The main forward and the final perturbed forward ran under bf16 autocast...
     assert autocast_on[0] and dtypes[0] == torch.bfloat16
     assert autocast_on[-1] and dtypes[-1] == torch.bfloat16
-    # ...the power iteration (the forward whose input carries d's gradient) and its clean
-    # reference ran in float32 with autocast off.
+    # ...the power iteration (the forward whose input carries a gradient) and, for the finite
+    # difference, its clean reference ran in float32 with autocast off.
     power = [i for i, g in enumerate(needs_grad) if g]
     assert len(power) == 1
-    for i in (power[0] - 1, power[0]):
+    fp32_calls = (power[0] - 1, power[0]) if method == "finite_difference" else power
+    assert len(rec.calls) == 2 + len(fp32_calls)
+    for i in fp32_calls:
         assert not autocast_on[i] and dtypes[i] == torch.float32
         assert rec.calls[i][3].dtype == torch.float32
 

@@ -12,7 +12,12 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from s4l.training.objectives.losses import KL_DIRECTIONS, flatten_copies, rotate_copies
+from s4l.training.objectives.losses import (
+    HESSIAN_PRODUCTS,
+    KL_DIRECTIONS,
+    flatten_copies,
+    rotate_copies,
+)
 from torch import nn
 
 from s4l.errors import UserError
@@ -31,6 +36,9 @@ class ObjectiveConfig:
     - vat_eps: absolute per-image L2 norm of r_adv in [-1, 1] pixel space (40 for VAT).
     - vat_xi: norm of the finite-difference probe d in the power iteration (1e-6).
     - vat_power_iterations: power-method iterations (1).
+    - vat_hessian_product: "finite_difference" = the release's grad of the KL at ||d|| = xi
+      (float32 cannot resolve xi = 1e-6, see vat.py); "forward_mode" = the exact xi -> 0
+      Hessian-vector product by forward-mode AD (not in the release).
     - vat_weight / entmin_weight: VAT config's L = CE + 0.5 * KL_vat (+ 1.0 * H).
     - vat_kl_direction: "perturbed_clean" = the release's KL[p(x + r_adv) || p(x)];
       "clean_perturbed" = KL[p(x) || p(x + r_adv)] (Miyato et al.'s code, most PyTorch ports).
@@ -48,6 +56,7 @@ class ObjectiveConfig:
     vat_weight: float = 0.5
     entmin_weight: float = 1.0
     vat_kl_direction: str = "perturbed_clean"
+    vat_hessian_product: str = "finite_difference"
     moam_rotation_weight: float = 0.4
     moam_class_weight: float = 0.3
     moam_vat_weight: float = 0.3
@@ -83,6 +92,11 @@ class ObjectiveConfig:
             raise UserError(
                 f"objective.vat_kl_direction {self.vat_kl_direction!r} is not one of "
                 f"{', '.join(KL_DIRECTIONS)}"
+            )
+        if self.vat_hessian_product not in HESSIAN_PRODUCTS:
+            raise UserError(
+                f"objective.vat_hessian_product {self.vat_hessian_product!r} is not one of "
+                f"{', '.join(HESSIAN_PRODUCTS)}"
             )
 
     def to_dict(self) -> dict[str, Any]:

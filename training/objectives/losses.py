@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 NUM_ROTATIONS = 4
 KL_DIRECTIONS = ("perturbed_clean", "clean_perturbed")
+HESSIAN_PRODUCTS = ("finite_difference", "forward_mode")  # VAT power method, see vat.py
 
 
 def flatten_copies(images: torch.Tensor) -> torch.Tensor:

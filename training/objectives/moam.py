@@ -70,6 +70,7 @@ class MOAMObjective(Objective):
             iterations=cfg.vat_power_iterations,
             direction=cfg.vat_kl_direction,
             reference_is_clean=False,
+            method=cfg.vat_hessian_product,
         )
         loss = (
             cfg.moam_rotation_weight * parts["loss_rotation"]

@@ -20,8 +20,9 @@ S4L_REFERENCE.md section 3 (the release's semi_supervised/vat.py and vat_utils.p
   xi = 1e-6 does NOT (per-image cosines around +-0.5 on the tiny test network): the logit change
   xi causes is at float32's rounding level. That direction is still a combination of the
   network's input gradients and raises the KL far more than a random one, which is presumably
-  why the release works; `vat_xi` (default kept at the release's 1e-6) is the lever if the exact
-  direction matters;
+  why the release works. `vat_hessian_product="forward_mode"` computes the exact xi -> 0
+  direction instead (forward-mode AD, correct in float32); the default stays the release's
+  finite difference at xi = 1e-6;
 - VAT config: L = CE(labelled) + 0.5 * KL_vat (+ 1.0 * H for VAT+EntMin), VAT and the entropy H
   on the labelled AND unlabelled images (the release's apply_vat_to_labeled), all from one clean
   forward over [labelled; unlabelled].
@@ -36,8 +37,15 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from s4l.training.objectives.base import Objective, ObjectiveOutput, unwrap_model
-from s4l.training.objectives.losses import accuracy, cross_entropy, entropy, vat_kl
+from s4l.training.objectives.losses import (
+    HESSIAN_PRODUCTS,
+    accuracy,
+    cross_entropy,
+    entropy,
+    vat_kl,
+)
 from torch import nn
 
 
@@ -83,30 +91,56 @@ def virtual_adversarial_direction(
     iterations: int = 1,
     direction: str = "perturbed_clean",
     noise: torch.Tensor | None = None,
+    method: str = "finite_difference",
 ) -> torch.Tensor:
     """Unit-norm (per image) approximation of the top eigenvector of the KL's Hessian at x.
 
-    Power method with finite-difference Hessian-vector products (vat_utils.py's
-    `virtual_adversarial_perturbation_direction`), in float32 with autocast off. `forward` maps
-    images to class logits (it should leave BN statistics alone: see `frozen_bn_statistics`).
-    `reference_logits` must equal forward(images) in float32; None computes it here (needed when
-    the caller's clean logits came from bf16 autocast or from a different batch composition,
-    where their difference to the perturbed pass would swamp the xi-sized signal).
-    `noise` is the power method's start r (default r ~ N(0, I) from torch's global RNG).
+    The power method, in float32 (float64 if given float64) with autocast off, starting from
+    `noise` (default r ~ N(0, I) from torch's global RNG). `forward` maps images to class logits
+    (it should leave BN statistics alone: see `frozen_bn_statistics`). The Hessian-vector
+    product H d comes from
+    - method "finite_difference" (the release's vat_utils.py): grad_d KL(forward(x + d),
+      reference) at ||d|| = xi. `reference_logits` must equal forward(images) in float32; None
+      computes it here (needed when the caller's clean logits came from bf16 autocast or from a
+      different batch composition, where their difference to the perturbed pass would swamp the
+      xi-sized signal);
+    - method "forward_mode": the exact xi -> 0 limit, J^T F J d with J the Jacobian of the logits
+      w.r.t. the images (J d by forward-mode AD, J^T by one backward) and F = diag(p) - p p^T
+      the Hessian of either KL direction at p = softmax(forward(x)). No xi, no reference, no
+      rounding problem in float32.
     """
+    if method not in HESSIAN_PRODUCTS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(HESSIAN_PRODUCTS)}")
     with torch.autocast(device_type=images.device.type, enabled=False), torch.enable_grad():
         x = images.detach()
         x = x if x.dtype == torch.float64 else x.float()
+        d = torch.randn_like(x) if noise is None else noise.detach().to(x.dtype)
+        if method == "forward_mode":
+            for _ in range(iterations):
+                d = _fisher_vector_product(forward, x, normalize_per_example(d))
+            return normalize_per_example(d)
         if reference_logits is None:
             with torch.no_grad():
                 reference_logits = forward(x)
         reference = reference_logits.detach().to(x.dtype)
-        d = torch.randn_like(x) if noise is None else noise.detach().to(x.dtype)
         for _ in range(iterations):
             d = (xi * normalize_per_example(d)).requires_grad_(True)
             divergence = vat_kl(forward(x + d), reference, direction)
             (d,) = torch.autograd.grad(divergence, d)
         return normalize_per_example(d.detach())
+
+
+def _fisher_vector_product(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, d: torch.Tensor
+) -> torch.Tensor:
+    """J^T F J d at x (see `virtual_adversarial_direction`, method "forward_mode")."""
+    x = x.detach().requires_grad_(True)
+    with fwAD.dual_level():
+        logits, jd = fwAD.unpack_dual(forward(fwAD.make_dual(x, d)))
+    p = torch.softmax(logits.detach(), dim=-1)
+    fjd = p * jd - p * (p * jd).sum(dim=-1, keepdim=True)
+    (g,) = torch.autograd.grad(logits, x, grad_outputs=fjd.detach())
+    return g.detach()
 
 
 def vat_loss(
@@ -119,6 +153,7 @@ def vat_loss(
     iterations: int,
     direction: str,
     reference_is_clean: bool,
+    method: str = "finite_difference",
 ) -> torch.Tensor:
     """KL_vat of `images` against their (detached) clean class logits; see the module docstring.
 
@@ -144,6 +179,7 @@ def vat_loss(
             xi=xi,
             iterations=iterations,
             direction=direction,
+            method=method,
         )
         r_adv = eps * direction_unit.to(images.dtype)
         perturbed_logits = forward(images.detach() + r_adv)
@@ -189,6 +225,7 @@ class VATObjective(Objective):
             iterations=cfg.vat_power_iterations,
             direction=cfg.vat_kl_direction,
             reference_is_clean=True,
+            method=cfg.vat_hessian_product,
         )
         loss = loss_class + cfg.vat_weight * loss_vat
         if self.entmin:
