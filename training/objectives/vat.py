@@ -17,8 +17,10 @@ S4L_REFERENCE.md section 3 (the release's semi_supervised/vat.py and vat_utils.p
 - measured precision (tests/test_objectives.py, power-iteration tests): in float64 the finite
   difference at xi = 1e-6 and at 1e-9 give the same direction (it is the Hessian-vector
   product), and float32 at xi = 1e-3 matches it (cosine > 0.95); float32 at the release's
-  xi = 1e-6 does NOT (per-image cosines around +-0.5 on the tiny test network): the logit change
-  xi causes is at float32's rounding level. That direction is still a combination of the
+  xi = 1e-6 does NOT (per-image cosines around +-0.5 on the tiny test network): d's per-pixel
+  size (xi / sqrt(3HW): 2e-8 at 32 px, 3e-9 at 224 px) is below float32's spacing for pixel
+  values of magnitude 0.25-1 (3e-8 to 1.2e-7), so x + d rounds most of d away and the logit
+  change is at rounding level. That direction is still a combination of the
   network's input gradients and raises the KL far more than a random one, which is presumably
   why the release works. `vat_hessian_product="forward_mode"` computes the exact xi -> 0
   direction instead (forward-mode AD, correct in float32); the default stays the release's
