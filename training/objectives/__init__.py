@@ -50,9 +50,16 @@ Notes for the trainer:
   perturbed forward's gradients reach the same parameters and DDP's hooks average them with
   the rest in the one backward (tested against an unwrapped model). Every parameter the
   perturbed passes use is also used by the wrapped forward, and every objective uses all the
-  heads it asks for, so find_unused_parameters is not needed. Those passes use batch statistics but leave BN
-  running statistics and num_batches_tracked untouched, and the power iteration runs in float32
-  with autocast disabled. They draw r ~ N(0, I) from torch's global RNG.
+  heads it asks for, so find_unused_parameters is not needed. Those passes use batch
+  statistics but leave BN running statistics and num_batches_tracked untouched (they toggle
+  BN's track_running_stats for the pass: a torch.compile'd model recompiles once for it), and
+  the power iteration runs in float32 with autocast disabled. They draw r ~ N(0, I) from
+  torch's global RNG (seed it per rank). With the release's xi = 1e-6 the float32 finite
+  difference is rounding-dominated (see vat.py); `vat_hessian_product="forward_mode"` is the
+  exact alternative.
+- Metrics are per-process values; all-reduce them for logging if wanted.
+- `Objective(cfg, num_classes)` takes an ObjectiveConfig (ObjectiveConfig.from_dict for a dict;
+  bad values raise s4l.errors.UserError).
 - Every loss is a mean over the local batch, so with equal per-process batch sizes DDP's
   gradient averaging gives the global-batch gradient. Exceptions inherited from the release
   (documented, not hidden): BN statistics are per device unless the trainer uses SyncBatchNorm,
