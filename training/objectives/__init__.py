@@ -52,7 +52,7 @@ Notes for the trainer:
   perturbed passes use is also used by the wrapped forward, and every objective uses all the
   heads it asks for, so find_unused_parameters is not needed. Those passes use batch
   statistics but leave BN running statistics and num_batches_tracked untouched (they toggle
-  BN's track_running_stats for the pass: a torch.compile'd model recompiles once for it), and
+  BN's track_running_stats for the pass: a torch.compile'd model may recompile for it), and
   the power iteration runs in float32 with autocast disabled. They draw r ~ N(0, I) from
   torch's global RNG (seed it per rank). With the release's xi = 1e-6 the float32 finite
   difference is rounding-dominated (see vat.py); `vat_hessian_product="forward_mode"` is the
