@@ -128,6 +128,19 @@ def test_exemplar_copies_and_label_override(folder):
         D.make_train_loaders(src, [0], batch_size=1, labels=[1, 2])
 
 
+def test_hsv_on_device_batches(folder):
+    from s4l.training.transforms import apply_deferred_hsv
+
+    src = open_source(folder, "train")
+    kw = dict(batch_size=3, unsup_batch_size=3, image_size=16, copies=2, hsv_noise=True, workers=0)
+    (xl, yl), (xu, _) = next(iter(D.make_train_loaders(src, list(range(12)), **kw)))
+    (dl, dyl, pl), (du, _, pu) = next(iter(D.make_train_loaders(src, list(range(12)),
+                                                                hsv_on_device=True, **kw)))
+    assert pl.shape == (3, 2, 7) and torch.equal(dyl, yl)
+    torch.testing.assert_close(apply_deferred_hsv(dl, pl), xl, atol=1e-4, rtol=0)
+    torch.testing.assert_close(apply_deferred_hsv(du, pu), xu, atol=1e-4, rtol=0)
+
+
 def test_resume_gives_the_same_batches(folder):
     data, _, _ = _loaders(folder)
     it = iter(data)

@@ -231,3 +231,35 @@ def test_eval_transform_is_eval_crop(tmp_path):
     assert torch.equal(((x[0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0),
                        torch.from_numpy(crop.copy()))
     assert torch.equal(x[0], T.to_model_input(crop))
+
+
+def test_deferred_hsv_equals_cpu_hsv():
+    img = np.random.default_rng(11).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    cpu = T.TrainTransform(size=16, copies=8, hsv_noise=True)
+    dev = T.TrainTransform(size=16, copies=8, hsv_noise=True, defer_hsv=True)
+    ref = cpu(img, np.random.default_rng(4))
+    x, params = dev.draw(img, np.random.default_rng(4))
+    assert params.shape == (8, 7)
+    assert not torch.allclose(x, ref, atol=1e-3)  # not applied yet
+    torch.testing.assert_close(T.apply_deferred_hsv(x, params), ref, atol=1e-4, rtol=0)
+    # Batched parameters [N, K, 7] act per image.
+    xb, pb = torch.stack([x, x.flip(0)]), torch.stack([params, params.flip(0)])
+    out = T.apply_deferred_hsv(xb, pb)
+    torch.testing.assert_close(out[1], ref.flip(0), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="do not match"):
+        T.apply_deferred_hsv(xb, params)
+    with pytest.raises(ValueError, match="call draw"):
+        dev(img, np.random.default_rng(4))
+    with pytest.raises(ValueError, match="needs hsv_noise"):
+        T.TrainTransform(defer_hsv=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rotate4_and_hsv_on_cuda():
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    out, labels = T.rotate4(x.cuda())
+    assert labels.device.type == "cuda" and torch.equal(out.cpu(), T.rotate4(x)[0])
+    params = torch.stack([T.HSVNoise.sample(np.random.default_rng(s)).as_tensor() for s in range(4)])
+    torch.testing.assert_close(T.apply_deferred_hsv(x.cuda(), params.cuda()).cpu(),
+                               T.apply_deferred_hsv(x, params), atol=1e-4, rtol=0)

@@ -23,6 +23,8 @@ API (what the trainer calls)
         seed=cfg.seed, rank=env.rank, world_size=env.world_size, workers=cfg.data.workers)
     data.load_state_dict(ckpt["data_state"])       # when resuming (strict)
     for (x_l, y_l), unlabelled in data:             # infinite; unlabelled is None without it
+        # (with hsv_noise + hsv_on_device=True each stream's batch is (x, y, hsv_params) and
+        #  x = apply_deferred_hsv(x.to(dev), hsv_params.to(dev)) adds the release's HSV noise)
         x_u, _ = unlabelled                         # its labels are all -1
         ...                                         # one training step
         ckpt["data_state"] = data.state_dict()      # position AFTER the batches consumed
@@ -90,7 +92,8 @@ def augment_rng(seed: int, stream: int, epoch: int, position: int) -> np.random.
 
 
 class TrainDataset(Dataset):
-    """Training images of one stream: `dataset[(epoch, position)] -> (x [K,3,S,S], label)`.
+    """Training images of one stream: `dataset[(epoch, position)] -> (x [K,3,S,S], label)`,
+    plus the HSV parameters `[K, 7]` when the transform defers its HSV noise.
 
     `position` indexes `indices` (into `source`); the label is the source's, or `labels[i]`
     when a per-source-index override is given (pseudo-labels), or -1 for the unlabelled stream.
@@ -121,7 +124,7 @@ class TrainDataset(Dataset):
             return -1
         return int(self.labels[i]) if self.labels is not None else int(self.source.samples[i][1])
 
-    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple:
         epoch, pos = (0, key) if isinstance(key, (int, np.integer)) else key
         rng = augment_rng(self.seed, self.stream, int(epoch), int(pos))
         n = len(self.indices)
@@ -134,7 +137,10 @@ class TrainDataset(Dataset):
                 log.warning("skipping undecodable training image %s (%s: %s); %d skipped so far "
                             "in this process", self.source.path(i), e.code, e.message, self.skipped)
                 continue
-            return self.transform(img, rng), self.label_of(i)
+            x, hsv = self.transform.draw(img, rng)
+            if hsv is not None:
+                return x, self.label_of(i), hsv
+            return x, self.label_of(i)
         raise UserError(
             f"{min(self.max_skips, n - 1) + 1} consecutive training images from "
             f"{self.source.path(int(self.indices[pos % n]))!r} on cannot be decoded; check the data"
@@ -321,19 +327,24 @@ def make_train_loaders(source, labelled: Sequence[int], unlabelled: Sequence[int
                        crop_min_area: float = AREA_RANGE[0], seed: int = 0, rank: int = 0,
                        world_size: int = 1, workers: int = 4, pin_memory: bool | None = None,
                        labels: Sequence[int] | np.ndarray | None = None,
+                       hsv_on_device: bool = False,
                        max_skips: int = DEFAULT_MAX_SKIPS) -> TrainData:
     """Build the labelled stream and (if unsup_batch_size > 0) the unlabelled stream.
 
     batch sizes are GLOBAL (split evenly over `world_size` ranks). `unlabelled` defaults to the
     whole split. `labels` overrides the labels per source index (pseudo-label students).
     Both streams use the same transform (the release applies the same preprocessing to both).
+    With hsv_noise and hsv_on_device, the HSV noise is drawn in the workers but NOT applied:
+    each batch is `(x, y, hsv_params [b, K, 7])` and the caller applies
+    `s4l.training.transforms.apply_deferred_hsv(x, hsv_params)` on its device.
     """
     if len(labelled) == 0:
         raise UserError("the labelled subset is empty: no training image carries a label")
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     transform = TrainTransform(size=image_size, copies=copies, hsv_noise=hsv_noise,
-                               area_range=(crop_min_area, 1.0))
+                               area_range=(crop_min_area, 1.0),
+                               defer_hsv=hsv_noise and hsv_on_device)
     lab_ds = TrainDataset(source, labelled, transform, seed=seed, stream=LABELLED,
                           labels=labels, max_skips=max_skips)
     lab = StreamLoader(lab_ds, GlobalBatchSampler(len(labelled), batch_size, seed=seed,

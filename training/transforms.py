@@ -9,7 +9,8 @@ S4L_REFERENCE.md "Preprocessing" and the release's `preprocess.py` / `inception_
   (align_corners=False, half_pixel_centers=False: the legacy TF1 sampling grid, no antialias;
   `half_pixel_centers=True` gives torch's `interpolate` grid instead), then a random
   horizontal flip. Pixels stay float (no rounding back to uint8) until x / 127.5 - 1.
-- HSV noise (supervised 1%, exemplar): `apply_hsv_noise`, the release's `hsvnoise`.
+- HSV noise (supervised 1%, exemplar): `apply_hsv_noise`, the release's `hsvnoise`; it can be
+  deferred to the GPU (`TrainTransform(defer_hsv=True)` + `apply_deferred_hsv`).
 - exemplar (`crop_inception_patches(8,224)|hsvnoise|flip_lr|-1_to_1`): 8 independent inception
   crops of one image, each with its own HSV noise and flip.
 - rotation (`rotate`): `rotate4`, exact rot90 copies labelled 0..3, run on any device.
@@ -221,16 +222,37 @@ class HSVNoise:
         return cls(hue, (float(pw[0]), float(pw[1])), (float(mul[0]), float(mul[1])),
                    (float(add[0]), float(add[1])))
 
+    def as_tensor(self) -> torch.Tensor:
+        """The 7 numbers [hue_add, pow_s, pow_v, mul_s, mul_v, add_s, add_v] (float32)."""
+        return torch.tensor([self.hue_add, *self.sv_pow, *self.sv_mul, *self.sv_add],
+                            dtype=torch.float32)
 
-def apply_hsv_noise(x: torch.Tensor, noise: HSVNoise) -> torch.Tensor:
-    """Apply `noise` to float RGB `[..., 3, H, W]` in [0, 255]; returns the same range."""
+
+def apply_hsv_noise(x: torch.Tensor, noise: HSVNoise | torch.Tensor) -> torch.Tensor:
+    """Apply `noise` to float RGB `[..., 3, H, W]` in [0, 255]; returns the same range.
+
+    `noise` is one `HSVNoise`, or a tensor `[..., 7]` (`HSVNoise.as_tensor()` rows) whose
+    leading dims match x's, one draw per image: the batched form runs on any device.
+    """
+    if isinstance(noise, HSVNoise):
+        hue_add, (ps, pv), (ms, mv), (as_, av) = noise.hue_add, noise.sv_pow, noise.sv_mul, noise.sv_add
+    else:
+        if noise.shape[-1] != 7 or noise.shape[:-1] != x.shape[:-3]:
+            raise ValueError(f"HSV parameters {list(noise.shape)} do not match images {list(x.shape)}")
+        hue_add, ps, pv, ms, mv, as_, av = noise.to(x.dtype)[..., None, None].unbind(-3)
     hsv = rgb_to_hsv(x / 255.0)
     h, s, v = hsv.unbind(-3)
-    h = torch.remainder(1.0 + h + noise.hue_add, 1.0)
-    s = s.pow(noise.sv_pow[0]) * noise.sv_mul[0] + noise.sv_add[0]
-    v = v.pow(noise.sv_pow[1]) * noise.sv_mul[1] + noise.sv_add[1]
+    h = torch.remainder(1.0 + h + hue_add, 1.0)
+    s = s.pow(ps) * ms + as_
+    v = v.pow(pv) * mv + av
     hsv = torch.stack([h, s, v], dim=-3).clamp(0.0, 1.0)
     return hsv_to_rgb(hsv) * 255.0
+
+
+def apply_deferred_hsv(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """HSV noise on model inputs in [-1, 1] (e.g. on the GPU, after the loader):
+    `x [..., 3, H, W]`, `params [..., 7]` as yielded by a loader built with hsv_on_device."""
+    return apply_hsv_noise((x + 1.0) * 127.5, params) / 127.5 - 1.0
 
 
 def hsv_noise(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -291,7 +313,10 @@ class TrainTransform:
     optional HSV noise), scaled to [-1, 1]; returns float32 `[copies, 3, size, size]`.
 
     copies=1 is `inception_crop|resize|flip_lr` (add hsv_noise=True for supervised 1%);
-    copies=8 with hsv_noise=True is the exemplar pipeline.
+    copies=8 with hsv_noise=True is the exemplar pipeline. HSV noise costs a few ms per
+    224 px copy on a CPU core; with defer_hsv=True `draw` returns the copies without it plus
+    the drawn parameters `[copies, 7]`, for `apply_deferred_hsv` on the GPU (same draws from
+    the same generator, so the result equals the CPU path up to float rounding).
     """
 
     size: int = 224
@@ -303,16 +328,21 @@ class TrainTransform:
     min_object_covered: float = MIN_OBJECT_COVERED
     max_attempts: int = MAX_ATTEMPTS
     half_pixel_centers: bool = False
+    defer_hsv: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 1 or self.copies < 1:
             raise ValueError(f"need size >= 1 and copies >= 1, got {self.size}, {self.copies}")
         if not 0 < self.area_range[0] <= self.area_range[1] <= 1:
             raise ValueError(f"area_range must satisfy 0 < lo <= hi <= 1, got {self.area_range}")
+        if self.defer_hsv and not self.hsv_noise:
+            raise ValueError("defer_hsv needs hsv_noise=True")
 
-    def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    def draw(self, img: Image.Image | np.ndarray,
+             rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(copies `[K, 3, S, S]` in [-1, 1], HSV parameters `[K, 7]` if deferred else None)."""
         arr = _as_hwc_uint8(img)
-        out = []
+        out, params = [], []
         for _ in range(self.copies):
             x = inception_crop(arr, self.size, rng, area_range=self.area_range,
                                aspect_range=self.aspect_range,
@@ -322,9 +352,18 @@ class TrainTransform:
             if self.flip and rng.random() < 0.5:
                 x = x.flip(-1)
             if self.hsv_noise:
-                x = hsv_noise(x, rng)
+                noise = HSVNoise.sample(rng)
+                if self.defer_hsv:
+                    params.append(noise.as_tensor())
+                else:
+                    x = apply_hsv_noise(x, noise)
             out.append(x)
-        return torch.stack(out) / 127.5 - 1.0
+        return torch.stack(out) / 127.5 - 1.0, (torch.stack(params) if params else None)
+
+    def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        if self.defer_hsv:
+            raise ValueError("this transform defers its HSV noise: call draw()")
+        return self.draw(img, rng)[0]
 
 
 def exemplar_transform(size: int = 224, copies: int = 8) -> TrainTransform:
