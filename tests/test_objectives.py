@@ -14,6 +14,7 @@ from s4l.training.objectives import (
     ObjectiveConfig,
     build_objective,
     predict_logits,
+    unwrap_model,
 )
 from s4l.training.objectives.losses import (
     batch_hard_triplet,
@@ -499,6 +500,8 @@ def test_ddp_wrapped_model_gets_the_unwrapped_gradients(name, single_process_gro
     plain = tiny_model(obj)
     obj.prepare(plain)
     wrapped = DistributedDataParallel(copy.deepcopy(plain))
+    # the trainer's torch.compile(DDP(model)) unwraps to the S4LModel too (compile is lazy)
+    assert unwrap_model(torch.compile(wrapped)) is wrapped.module
     obj.train_mode(plain)
     obj.train_mode(wrapped)
     batch = make_batch(obj, b_l=2, b_u=2)

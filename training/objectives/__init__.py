@@ -45,7 +45,8 @@ Notes for the trainer:
   the backbone and `train_mode` keeps the backbone in eval mode (BN running statistics used and
   not updated); calling the objective otherwise raises.
 - VAT-family objectives (`vat`, `vat-entmin`, `moam`) run their extra perturbed forwards on the
-  UNWRAPPED module (`base.unwrap_model`, i.e. DDP's `.module`), so they skip DDP's per-forward
+  UNWRAPPED module (`base.unwrap_model`: DDP's `.module`, torch.compile's `_orig_mod`, so
+  under torch.compile these passes run eagerly), so they skip DDP's per-forward
   work (buffer broadcast, unused-parameter search) and DDP sees one forward per backward; the
   perturbed forward's gradients reach the same parameters and DDP's hooks average them with
   the rest in the one backward (tested against an unwrapped model). Every parameter the

@@ -120,10 +120,18 @@ class ObjectiveOutput:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The S4LModel inside a DistributedDataParallel / DataParallel wrapper (or the model)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
-    return model
+    """The S4LModel inside any DistributedDataParallel / DataParallel / torch.compile wrappers.
+
+    torch.compile's OptimizedModule is recognised by its `_orig_mod` (so torch._dynamo is not
+    imported here); the VAT passes therefore run eagerly under a compiled model.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 class Objective:
