@@ -189,6 +189,7 @@ class ImageFolderSplit(_SourceBase):
             for rel in files:
                 self.samples.append((str(self.split_dir / cls / rel), ci))
                 self._rel.append(f"{cls}/{rel}")
+        log.info("%s: %d images in %d classes", self.split_dir, len(self.samples), len(self.classes))
 
     def relpath(self, i: int) -> str:
         return self._rel[i]
@@ -300,6 +301,8 @@ class Places205List(_SourceBase):
         self._rel = rels
         self.samples = [(str(self.images_root / r), lab) for r, lab in zip(rels, labels)]
         if check_files:
+            if len(rels) > 100_000:
+                log.info("checking that the %d images listed in %s exist", len(rels), self.list_file)
             missing = [r for r, (p, _) in zip(rels, self.samples) if not os.path.isfile(p)]
             if missing:
                 raise UserError(
