@@ -273,9 +273,8 @@ def test_holdout_and_training_subsets(tiny_folder: Path):
 # Places205
 
 
-def _places_layout(imagenette_root: Path, tmp_path: Path) -> tuple[Path, Path, list[str]]:
-    """A few Imagenette images laid out as Places205: images/<letter>/<scene>/<n>.jpg + list."""
-    src = ds.open_source(imagenette_root, "val")
+def _places_layout(src, tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A few images of `src` laid out as Places205: images/<letter>/<scene>/<n>.jpg + lists."""
     images = tmp_path / "places" / "images"
     lines = []
     scenes = [("a", "abbey"), ("b", "bakery"), ("c", "church")]
@@ -295,7 +294,7 @@ def _places_layout(imagenette_root: Path, tmp_path: Path) -> tuple[Path, Path, l
 
 
 def test_places205_reader(imagenette_root: Path, tmp_path: Path):
-    lists, images, lines = _places_layout(imagenette_root, tmp_path)
+    lists, images, lines = _places_layout(ds.open_source(imagenette_root, "val"), tmp_path)
     spec = f"places205:{lists}/{{split}}_places205.csv@{images}"
     val = ds.open_source(spec, "val")
     assert len(val) == 6 and val.classes == ["0", "1", "2"]
@@ -312,8 +311,9 @@ def test_places205_reader(imagenette_root: Path, tmp_path: Path):
     assert named.classes[named.label(5)] == "church"
 
 
-def test_places205_errors(imagenette_root: Path, tmp_path: Path):
-    lists, images, lines = _places_layout(imagenette_root, tmp_path)
+def test_places205_errors(tiny_folder: Path, tmp_path: Path):
+    # Generated JPEGs: runs without ../shared/data.
+    lists, images, lines = _places_layout(ds.open_source(tiny_folder, "train"), tmp_path)
     (images / "b" / "bakery" / "00000001.jpg").unlink()
     (images / "c" / "church" / "00000002.jpg").unlink()
     with pytest.raises(UserError, match=r"2 of 6 images listed.*missing.*'b/bakery/00000001.jpg', 'c/church/00000002.jpg'"):
