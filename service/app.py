@@ -43,7 +43,8 @@ def load_backend(settings: Settings) -> Backend:
     if settings.model is None:
         raise ValueError("no model: pass --model or set S4L_MODEL")
     return OnnxBackend(settings.model, provider=settings.provider,
-                       intra_op_threads=settings.intra_op_threads, model_id=settings.model_id)
+                       intra_op_threads=settings.intra_op_threads, model_id=settings.model_id,
+                       spinning=settings.ort_spinning)
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:

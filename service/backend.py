@@ -129,7 +129,7 @@ class OnnxBackend:
     """An onnxruntime session over an ``s4l export`` file, thread pools sized to the usable CPUs."""
 
     def __init__(self, path: str | os.PathLike, *, provider: str = "cpu", intra_op_threads: int = 0,
-                 model_id: str | None = None):
+                 model_id: str | None = None, spinning: bool = False):
         import onnxruntime as ort
 
         path = Path(path)
@@ -141,6 +141,9 @@ class OnnxBackend:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning threads keep cores busy between calls; the server decodes images on the same
+        # cores, so by default they sleep instead (S4L_ORT_SPINNING=true to change).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "cpu", description="cpu; cuda (refuse to start without it); auto (cuda when present)")
     intra_op_threads: int = Field(0, ge=0, description="0: the CPUs this process may use")
+    ort_spinning: bool = Field(
+        False, description="let onnxruntime's idle threads spin (faster alone, slower beside decoding)")
     decode_threads: int = Field(0, ge=0, description="0: the CPUs this process may use")
 
     max_batch_size: int = Field(32, ge=1, le=4096)

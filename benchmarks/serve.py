@@ -1,0 +1,272 @@
+"""Serving benchmark: sustained /embed images/s and latency vs the raw onnxruntime session, same run.
+
+Standard-width ResNet50v2 at 224 px (untrained weights: speed does not depend on them) on
+Imagenette 224 px JPEGs from ../shared/data. For each client concurrency (1, 8, 32) a real
+`s4l serve` process is driven for --duration seconds with one image per request; the reference is
+the raw onnxruntime session on the same images' crops, measured in this run with the same thread
+count: batch 1 latency (for p99 at concurrency 1) and the best batched throughput.
+With --int8, also the int8 export's raw images/s and top-1 agreement vs fp32.
+
+    .venv/bin/python benchmarks/serve.py --duration 10 [--int8] [--out benchmarks/results/serve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+log = logging.getLogger("bench.serve")
+
+
+def imagenette(cache: Path) -> Path:
+    root = cache / "imagenette-224"
+    if not (cache / ".imagenette-224.done").exists():
+        archive = ROOT.parent / "shared" / "data" / "imagenette-224.tar.gz"
+        if not archive.exists():
+            raise SystemExit(f"{archive} missing: this benchmark needs ../shared/data")
+        with tarfile.open(archive) as tf:
+            tf.extractall(cache, filter="data")
+        (cache / ".imagenette-224.done").touch()
+    return root
+
+
+def build_model(workdir: Path, calib_root: Path | None, n_calib: int, n_heldout: int) -> tuple[Path, dict]:
+    import torch
+    from s4l.service.export import export_onnx
+    from s4l.training.checkpoint import config_hash, save_checkpoint
+    from s4l.training.model import ModelSpec, build_model
+
+    from s4l.imaging import PreprocessSpec
+
+    torch.manual_seed(0)
+    spec = ModelSpec(width=1.0, stem="imagenet", heads={"classes": 10})
+    model = build_model(spec)
+    cfg = {"benchmark": "serve", "untrained": True}
+    ckpt = save_checkpoint(workdir / "r50.pt", {
+        "model_spec": spec.to_dict(), "model": model.state_dict(), "ema": None, "config": cfg,
+        "config_hash": config_hash(cfg), "class_names": [f"c{i}" for i in range(10)],
+        "preprocess": PreprocessSpec().to_dict(), "step": 0, "epoch": 0, "optimizer": None,
+        "rng": None, "data_state": None, "provenance": {"git_sha": "bench"}})
+    out = workdir / "r50.onnx"
+    t0 = time.perf_counter()
+    report = export_onnx(ckpt, out, int8_calibration=str(calib_root) if calib_root else None,
+                         calibration_images=n_calib, heldout_images=n_heldout)
+    log.info("export took %.1f s: parity %s int8 %s", time.perf_counter() - t0, report.parity, report.int8)
+    return out, report.to_dict()
+
+
+def session(path: Path, threads: int, spinning: bool):
+    """The raw reference, with the server's session options (threads, spinning)."""
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.inter_op_num_threads = 1
+    o.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def raw_throughput(sess, crops: np.ndarray, batch: int, seconds: float) -> dict:
+    """Images/s of back-to-back session.run calls on `batch`-sized slices, and per-call latencies."""
+    sess.run(["embedding"], {"images": crops[:batch]})  # warm-up
+    lat, n, i = [], 0, 0
+    t_end = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    while time.perf_counter() < t_end or not lat:
+        b = np.take(crops, range(i, i + batch), axis=0, mode="wrap")
+        t = time.perf_counter()
+        sess.run(["embedding"], {"images": b})
+        lat.append(time.perf_counter() - t)
+        n += batch
+        i += batch
+    wall = time.perf_counter() - t0
+    return {"batch": batch, "images_per_s": n / wall, "p50_ms": 1e3 * float(np.median(lat)),
+            "p99_ms": 1e3 * float(np.percentile(lat, 99)), "calls": len(lat),
+            "_wall": wall, "_n": n, "_lat": np.array(lat)}
+
+
+def merge(runs: list[dict]) -> dict:
+    """Pool alternating windows: total images over total time; latency stats over all samples."""
+    total_s = sum(r["_wall"] for r in runs)
+    lat = np.concatenate([r["_lat"] for r in runs])
+    out = {k: v for k, v in runs[0].items() if not k.startswith("_") and k not in ("images_per_s", "p50_ms", "p99_ms")}
+    out.update(images_per_s=sum(r["_n"] for r in runs) / total_s, p50_ms=1e3 * float(np.median(lat)),
+               p99_ms=1e3 * float(np.percentile(lat, 99)), windows=len(runs))
+    for k in ("errors", "requests", "calls"):
+        if k in out:
+            out[k] = sum(r[k] for r in runs)
+    return out
+
+
+def drive(url: str, blobs: list[bytes], concurrency: int, seconds: float) -> dict:
+    """`concurrency` closed-loop clients, one image per request, for `seconds` after a warm-up."""
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+    measuring = threading.Event()
+
+    def client(k: int):
+        with httpx.Client(timeout=120) as c:
+            i = k
+            while not stop.is_set():
+                blob = blobs[i % len(blobs)]
+                i += concurrency
+                t = time.perf_counter()
+                r = c.post(url + "/embed", files=[("files", ("x.jpg", blob, "image/jpeg"))])
+                dt = time.perf_counter() - t
+                ok = r.status_code == 200 and "embedding" in r.json()["results"][0]
+                if measuring.is_set() and not stop.is_set():
+                    with lock:
+                        lat.append(dt)
+                        errors[0] += 0 if ok else 1
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    time.sleep(min(3.0, seconds / 3))  # warm-up: batches and thread pools reach steady state
+    measuring.set()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    wall = time.perf_counter() - t0
+    for t in threads:
+        t.join(120)
+    return {"concurrency": concurrency, "images_per_s": len(lat) / wall, "requests": len(lat),
+            "errors": errors[0], "p50_ms": 1e3 * float(np.median(lat)),
+            "p99_ms": 1e3 * float(np.percentile(lat, 99)), "_wall": wall, "_n": len(lat),
+            "_lat": np.array(lat)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per level (raw and served each)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating raw/served windows per level")
+    ap.add_argument("--images", type=int, default=64, help="Imagenette val images to cycle through")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--int8", action="store_true", help="also export and measure the int8 model")
+    ap.add_argument("--calibration-images", type=int, default=64)
+    ap.add_argument("--heldout-images", type=int, default=128)
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--server-env", action="append", default=[], metavar="S4L_X=V",
+                    help="extra server settings, e.g. S4L_ORT_SPINNING=true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    from s4l.service.backend import available_cpus
+    from test_server_support import ServerProcess
+
+    from s4l.imaging import PreprocessSpec, decode_image, eval_crop
+
+    cache = Path(os.environ.get("S4L_TEST_CACHE", Path.home() / ".cache" / "s4l-test-data"))
+    data = imagenette(cache)
+    files = sorted((data / "val").rglob("*.JPEG"))
+    files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[: args.images]]
+    blobs = [f.read_bytes() for f in files]
+    crops = np.stack([eval_crop(decode_image(b), PreprocessSpec()) for b in blobs])
+    threads = available_cpus()
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="s4l-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    model, export_report = build_model(workdir, data if args.int8 else None,
+                                       args.calibration_images, args.heldout_images)
+    fp32 = workdir / "r50.fp32.onnx" if args.int8 else model
+
+    # -- fp32: the raw session and the server, measured in alternating windows ---------------
+    # This machine is shared and noisy; alternating short raw/served windows exposes both to the
+    # same background load, so the ratio is fair even when absolute numbers drift.
+    extra_env = dict(kv.split("=", 1) for kv in args.server_env)
+    spinning = extra_env.get("S4L_ORT_SPINNING", "false").lower() in ("1", "true", "yes")
+    sess = session(fp32, threads, spinning)
+    env = {"S4L_MAX_BATCH_SIZE": str(args.max_batch_size), "S4L_MAX_WAIT_MS": str(args.max_wait_ms),
+           "S4L_MAX_QUEUE_IMAGES": "1024", "S4L_LOG_LEVEL": "warning", "OMP_NUM_THREADS": str(threads),
+           **extra_env}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    window = args.duration / args.rounds
+    served, raw1_all, rawb_all = [], [], []
+    with ServerProcess(fp32, env=env, log=workdir / "server.log") as srv:
+        for c in levels:
+            raw_runs, srv_runs = [], []
+            for _ in range(args.rounds):
+                raw_runs.append(raw_throughput(sess, crops, 1 if c == 1 else args.max_batch_size, window))
+                srv_runs.append(drive(srv.url, blobs, c, window))
+            (raw1_all if c == 1 else rawb_all).extend(raw_runs)
+            r = merge(srv_runs)
+            raw_ref = merge(raw_runs)
+            r["raw_reference"] = raw_ref
+            r["ratio_vs_raw"] = r["images_per_s"] / raw_ref["images_per_s"]
+            if c == 1:
+                r["p99_over_raw_single_p50"] = r["p99_ms"] / raw_ref["p50_ms"]
+            served.append(r)
+            log.info("c=%d: %.2f img/s (%.2fx raw %s at batch %d), p50 %.1f ms, p99 %.1f ms, errors %d",
+                     c, r["images_per_s"], r["ratio_vs_raw"], f"{raw_ref['images_per_s']:.2f}",
+                     raw_ref["batch"], r["p50_ms"], r["p99_ms"], r["errors"])
+        server_log = srv.output()
+    del sess
+    result: dict = {"host": {"cpus_usable": threads, "machine": platform.machine(),
+                             "python": platform.python_version(), "loadavg": os.getloadavg()},
+                    "model": "ResNet50v2 width 1 (untrained), 224 px, 10-class head",
+                    "images": len(blobs), "duration_s_per_level": args.duration, "rounds": args.rounds,
+                    "server": env, "export": {"parity": export_report["parity"]},
+                    "served_fp32": served}
+    c1 = next((r for r in served if r["concurrency"] == 1), None)
+    result["targets"] = {
+        "throughput_ge_0.85x_raw_at_c>=8": all(r["ratio_vs_raw"] >= 0.85 for r in served if r["concurrency"] >= 8),
+        "p99_c1_le_1.3x_raw_single": None if c1 is None else c1["p99_over_raw_single_p50"] <= 1.3,
+    }
+    if "Traceback" in server_log:
+        log.error("server log has a traceback:\n%s", server_log[-3000:])
+
+    # -- int8 vs fp32, raw ---------------------------------------------------------------------
+    if args.int8:
+        q = session(model, threads, spinning)
+        f = session(fp32, threads, spinning)
+        rq, rf = [], []
+        for _ in range(args.rounds):  # alternating again
+            rf.append(raw_throughput(f, crops, args.max_batch_size, window))
+            rq.append(raw_throughput(q, crops, args.max_batch_size, window))
+        rq, rf = merge(rq), merge(rf)
+        speed = rq["images_per_s"] / rf["images_per_s"]
+        result["raw_int8"] = {"int8": rq, "fp32": rf, "speedup_vs_fp32": speed,
+                              "agreement": export_report["int8"]}
+        result["targets"]["int8_ge_2x_fp32"] = speed >= 2
+        result["targets"]["int8_top1_agreement_ge_0.99"] = export_report["int8"].get("top1_agreement", 0) >= 0.99
+        log.info("int8: %.2f img/s vs fp32 %.2f (%.2fx), %s", rq["images_per_s"], rf["images_per_s"],
+                 speed, export_report["int8"])
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("concurrency  served img/s  raw img/s  ratio  p50 ms  p99 ms")
+    for r in served:
+        print(f"{r['concurrency']:>11}  {r['images_per_s']:>12.2f}  {r['raw_reference']['images_per_s']:>9.2f}  "
+              f"{r['ratio_vs_raw']:>5.2f}  {r['p50_ms']:>6.1f}  {r['p99_ms']:>6.1f}")
+    if c1:
+        print(f"p99 at concurrency 1 / raw single inference p50: {c1['p99_over_raw_single_p50']:.2f}")
+    if args.int8:
+        print(f"int8 raw speedup vs fp32: {result['raw_int8']['speedup_vs_fp32']:.2f}x; agreement {export_report['int8']}")
+    print(json.dumps(result["targets"]))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
