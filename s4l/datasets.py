@@ -337,6 +337,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     f = DIGITS_SIZE // grey.shape[1]
     big = grey.repeat(f, axis=1).repeat(f, axis=2)
     rgb = np.ascontiguousarray(np.repeat(big[..., None], 3, axis=3))
+    rgb.setflags(write=False)  # shared by every DigitsSource
     y = d.target.astype(np.int64)
     # Our own stratified split (seed 0, 20% of every class held out), independent of
     # scikit-learn's splitter implementation.

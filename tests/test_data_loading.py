@@ -185,6 +185,13 @@ def test_resume_refuses_a_different_stream(folder):
         nounl.load_state_dict(state)
     with pytest.raises(UserError, match="malformed"):
         data.load_state_dict({})
+    # Same sizes, different images: another labelled subset of the same size.
+    src = open_source(folder, "train")
+    sub = training_subsets(src, labels_per_class=4, label_seed=1)
+    moved = D.make_train_loaders(src, sub.labelled, batch_size=4, unsup_batch_size=6,
+                                 image_size=16, seed=5, workers=0)
+    with pytest.raises(UserError, match="a different list of the same size"):
+        moved.load_state_dict(state)
 
 
 def test_bad_batch_and_subset_errors(folder):

@@ -48,7 +48,7 @@ A sample's augmentation is seeded from (seed, stream, epoch, position), so it is
 whatever the worker count or rank. `state_dict()` holds each stream's (epoch, batch) position
 as consumed by the caller (not as prefetched by workers); a resumed run yields exactly the
 batches the uninterrupted run would have, and a state from a different data set size, batch
-size or seed is refused.
+size, seed or image/label list (a fingerprint of the stream's names and labels) is refused.
 
 Corrupt images
 --------------
@@ -63,6 +63,8 @@ such files in the HDF5 `errors` dataset instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -115,6 +117,14 @@ class TrainDataset(Dataset):
                 raise UserError(f"label override has shape {labels.shape}, expected ({len(source)},)")
         self.labels = labels
         self.skipped = 0
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the stream's (name, label) list: a resumed run must see the same images."""
+        h = hashlib.sha256()
+        for i in self.indices.tolist():
+            h.update(f"{self.source.relpath(i)}\t{self.label_of(i)}\n".encode())
+        return h.hexdigest()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -261,12 +271,15 @@ class StreamLoader:
     def state_dict(self) -> dict[str, int]:
         s = self.sampler
         return {"epoch": self.epoch, "batch": self.batch, "n": s.n,
-                "global_batch": s.global_batch, "seed": s.seed, "stream": s.stream}
+                "global_batch": s.global_batch, "seed": s.seed, "stream": s.stream,
+                "fingerprint": self.dataset.fingerprint}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         s = self.sampler
         mine = {"n": s.n, "global_batch": s.global_batch, "seed": s.seed, "stream": s.stream}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if not diff and state.get("fingerprint") != self.dataset.fingerprint:
+            diff["images/labels"] = ("saved list", "a different list of the same size")
         if diff:
             raise UserError(
                 f"cannot resume the {self.name} stream exactly: saved vs now differ in "
