@@ -79,6 +79,7 @@ def assert_healthy(server, reference):
 def test_embedding_equals_torch_eval_path(server, model, tmp_path):
     import torch
     from s4l.training.checkpoint import load_for_inference
+    from s4l.training.transforms import EvalTransform
 
     inf = load_for_inference(model.with_suffix(".pt"))
     files = []
@@ -89,8 +90,9 @@ def test_embedding_equals_torch_eval_path(server, model, tmp_path):
     r = post(server, [p.read_bytes() for p in files])
     assert r.status_code == 200
     got = np.array([x["embedding"] for x in r.json()["results"]])
-    crops = np.stack([eval_crop(decode_image(p), inf.preprocess) for p in files])
-    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    # The training eval transform: s4l.imaging.eval_crop, then x / 127.5 - 1 (to_model_input).
+    transform = EvalTransform(inf.preprocess)
+    x = torch.cat([transform(decode_image(p)) for p in files])
     with torch.no_grad():
         ref = inf.model(x, heads=())["pre_logits"].numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
@@ -107,12 +109,13 @@ def test_embedding_parity_on_imagenette_photos(server, model, imagenette_root, r
 def test_classify_labels_and_scores(server, model):
     import torch
     from s4l.training.checkpoint import load_for_inference
+    from s4l.training.transforms import EvalTransform
 
     inf = load_for_inference(model.with_suffix(".pt"))
     blob = jpeg_bytes(seed=4, size=(80, 60))
     r = post(server, [blob], path="/classify", params={"top_k": 3})
     top = r.json()["results"][0]["top_k"]
-    x = torch.from_numpy(eval_crop(decode_image(blob), inf.preprocess)[None]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = EvalTransform(inf.preprocess)(decode_image(blob))
     with torch.no_grad():
         p = torch.softmax(inf.model(x)["classes"], 1)[0].numpy()
     assert [t["index"] for t in top] == list(np.argsort(-p))
