@@ -195,9 +195,6 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
             ckpt_io.load_state_strict(ema.module, state["ema"], f"{resume_path} (ema)")
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
-        rng = state["rng"]
-        ckpt_io.set_rng_state(rng[env.rank] if isinstance(rng, list) and env.rank < len(rng)
-                              else rng[0] if isinstance(rng, list) else rng)
         init_info = state.get("provenance", {}).get("init") or init_info
         log.info("resumed from %s at step %d", resume_path, step)
         if env.is_main:
@@ -219,6 +216,15 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
     stream = data.stream(objective, plan, env)
     if resume_path is not None:
         stream.load_state_dict(state["data_state"])
+    if resume_path is not None:
+        # Last thing before the loop: setting up loaders/writers may draw from the RNGs.
+        rng = state["rng"]
+        if not isinstance(rng, list) or len(rng) != env.world_size:
+            raise UserError(
+                f"{resume_path} was written by {len(rng) if isinstance(rng, list) else 1} "
+                f"process(es), this run has {env.world_size}: exact resume needs the same "
+                "number of processes (each has its own RNG stream)")
+        ckpt_io.set_rng_state(rng[env.rank])
     autocast = _autocast(cfg.precision, dev)
     bad_step = torch.full((), -1, dtype=torch.long, device=dev)
     sums: dict[str, torch.Tensor] = {}
@@ -365,9 +371,15 @@ class _ShardStream:
         self._it = None
 
     def __next__(self) -> list[dict[str, torch.Tensor]]:
-        if self._it is None:
-            self._it = iter(self.data)
-        (x_l, y_l), unl = next(self._it)
+        # Starting DataLoader iterators (lazily, on the first next) draws worker base seeds from
+        # torch's global RNG; keep that out of the training RNG (VAT noise) so a resumed run,
+        # which starts its iterators at step k rather than 0, draws the same numbers as an
+        # uninterrupted one. Augmentation does not depend on it (seeded per sample by
+        # s4l.training.data).
+        with torch.random.fork_rng(devices=[]):
+            if self._it is None:
+                self._it = iter(self.data)
+            (x_l, y_l), unl = next(self._it)
         obj, p = self.objective, self.plan
         shards = []
         for j in range(p.shards_per_process):
