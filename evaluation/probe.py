@@ -342,7 +342,7 @@ def fit_sgd(
     standardizer: Standardizer | None = None,
     progress: bool = False,
     desc: str = "probe",
-    on_epoch: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[dict], bool | None] | None = None,
 ) -> dict:
     """Train a linear classifier with SGD on streamed features; top-1/top-5 on ``val`` each epoch.
 
@@ -394,8 +394,8 @@ def fit_sgd(
                  "seconds": time.perf_counter() - t0, **acc}
         curve.append(point)
         bar.set_postfix(top1=f"{acc['top1']:.2f}", loss=f"{point['train_loss']:.3f}")
-        if on_epoch is not None:
-            on_epoch(point)
+        if on_epoch is not None and on_epoch(point):
+            break  # the caller has seen enough (e.g. a time-to-accuracy benchmark)
     bar.close()
     return {
         "schedule": {"epochs": schedule.epochs, "decay_at_epochs": schedule.boundaries()},
