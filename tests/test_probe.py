@@ -171,3 +171,15 @@ def test_helpers():
     with pytest.raises(UserError, match="no labelled rows"):
         fit_probe(ArrayRows(np.zeros((0, 3), np.float32), np.zeros(0)),
                   ArrayRows(np.zeros((2, 3), np.float32), np.zeros(2)), num_classes=2)
+
+
+def test_command_modules_import_no_torch():
+    """docs/contracts.md: command modules keep heavy imports inside main()."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import s4l.evaluation.cmd_extract, s4l.evaluation.cmd_probe, "
+            "s4l.evaluation.cmd_val_study; print(sorted(m for m in ('torch', 'h5py', 'sklearn') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
