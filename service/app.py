@@ -56,10 +56,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     batcher = MicroBatcher(backend.run, max_batch_size=settings.max_batch_size,
                            max_wait_s=settings.max_wait_ms / 1000.0,
                            max_queue_images=settings.max_queue_images, observer=metrics)
-    pool = ThreadPoolExecutor(settings.decode_threads or available_cpus(),
-                              thread_name_prefix="s4l-decode")
+    decode_threads = settings.decode_threads or available_cpus()
+    pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="s4l-decode")
     state = ServiceState(settings=settings, backend=backend, metrics=metrics, batcher=batcher,
-                         decode_pool=pool)
+                         decode_pool=pool, decode_threads=decode_threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -22,7 +22,7 @@ from s4l.training.checkpoint import config_hash, load_for_inference, read_checkp
 
 import s4l
 from s4l.errors import UserError
-from s4l.imaging import PreprocessSpec, eval_crop
+from s4l.imaging import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,3 @@ def check_parity(graph: torch.nn.Module, onnx_path: Path, batch: np.ndarray) -> 
     ref = ref if isinstance(ref, tuple) else (ref,)
     return {n: max_relative_error(got[n], r.double().numpy()) for n, r in zip(names, ref)}
 
-
-def crops_from_files(paths, spec: PreprocessSpec) -> np.ndarray:
-    """Image files -> uint8 [N, crop, crop, 3] through the shared decode + eval crop."""
-    from s4l.imaging import decode_image
-
-    return np.stack([eval_crop(decode_image(p), spec) for p in paths])

@@ -29,6 +29,7 @@ class ServiceState:
     metrics: Metrics
     batcher: MicroBatcher
     decode_pool: ThreadPoolExecutor
+    decode_threads: int
     ready: bool = False
     not_ready_reason: str = "starting"
     extra: dict = field(default_factory=dict)

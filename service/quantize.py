@@ -60,9 +60,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, heldout: n
         prep = Path(tmp) / "prep.onnx"
         quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
         qpath = Path(tmp) / "int8.onnx"
-        quantize_static(str(prep), str(qpath), _Reader(calib), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+        with _quiet_root_logger():  # the quantiser logs every tensor it touches at INFO on root
+            quantize_static(str(prep), str(qpath), _Reader(calib), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            per_channel=True, calibrate_method=CalibrationMethod.MinMax)
         report = compare(fp32_path, qpath, heldout)
         report.update(calibration_images=len(calib), heldout_images=len(heldout),
                       format="QDQ", weights="int8 per-channel", activations="uint8")
@@ -104,6 +105,17 @@ def compare(fp32_path: Path, int8_path: Path, images: np.ndarray, batch: int = 1
         la, lb = np.concatenate(outs_a["logits"]), np.concatenate(outs_b["logits"])
         report["top1_agreement"] = float((la.argmax(1) == lb.argmax(1)).mean())
     return report
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _json(d: dict) -> str:

@@ -29,6 +29,6 @@ async def info(state: State) -> dict[str, Any]:
                    "max_queue_images": s.max_queue_images},
         "batching": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms},
         "threads": {"intra_op": getattr(state.backend, "threads", None),
-                    "decode": state.decode_pool._max_workers},
+                    "decode": state.decode_threads},
         "auth": s.api_key is not None,
     }
