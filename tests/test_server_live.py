@@ -359,3 +359,16 @@ def test_sigterm_finishes_in_flight_requests(model, reference):
     # uvicorn re-raises the signal after its graceful shutdown, so the exit status is SIGTERM's.
     assert code in (0, -signal.SIGTERM), srv.output()
     assert "Application shutdown complete" in srv.output()
+
+
+# -- CUDA (only where onnxruntime-gpu and a GPU exist) -------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="onnxruntime has no CUDA provider here")
+def test_cuda_provider_when_asked(model, reference):
+    with ServerProcess(model, env={"S4L_PROVIDER": "cuda"}) as srv:
+        assert httpx.get(srv.url + "/readyz").json()["provider"] == "CUDAExecutionProvider"
+        blob = jpeg_bytes(seed=8)
+        r = post(srv, [blob], headers={})
+        np.testing.assert_allclose(r.json()["results"][0]["embedding"], reference.bytes(blob), rtol=1e-3, atol=1e-4)
