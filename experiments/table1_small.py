@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -495,6 +496,13 @@ def collect(plan: list[Run]) -> tuple[list[dict], list[dict]]:
         if st["status"] == "done":
             m = st["metrics"]
             rec["metrics"] = {k: m[src] for k, src in METRICS if src in m}
+            # With fewer than 5 classes the trainer reports top-k, k = number of classes.
+            for key in m:
+                hit = re.fullmatch(r"(eval|heldout)/top([2-4])(_rotation_averaged)?", key)
+                if hit:
+                    name = ("heldout_" if hit[1] == "heldout" else "") + "top5" + (hit[3] or "")
+                    rec["metrics"].setdefault(name, m[key])
+                    rec["top_k"] = int(hit[2])
             rec["step"] = m.get("step")
         records.append(rec)
     rows = []
