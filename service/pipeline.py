@@ -41,7 +41,16 @@ def preprocess(raw: RawImage, state: ServiceState) -> np.ndarray | tuple[str, st
         return raw.error
     try:
         img = decode_image(raw.data, max_pixels=state.settings.max_pixels)
-        return eval_crop(img, state.backend.info.preprocess)
+        spec = state.backend.info.preprocess
+        # A 40,000,000 x 1 image passes the pixel limit but its short-side resize would be
+        # enormous; refuse what the resize would create, before creating it.
+        w, h = img.size
+        scale = spec.resize / min(w, h)
+        resized = max(spec.crop, round(w * scale)) * max(spec.crop, round(h * scale))
+        if resized > state.settings.max_pixels:
+            return ("too_many_pixels", f"a {w}x{h} image resized to short side {spec.resize} "
+                    f"would have {resized:,} pixels; limit {state.settings.max_pixels:,}")
+        return eval_crop(img, spec)
     except ImageError as e:
         return (e.code, e.message)
     except Exception as e:  # Pillow has many failure modes; never let one image fail the request

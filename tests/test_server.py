@@ -223,6 +223,21 @@ def test_chunked_body_over_the_limit_is_413():
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
+def test_extreme_aspect_ratio_and_filename_less_parts():
+    buf = io.BytesIO()
+    Image.new("RGB", (20_000, 1), (9, 9, 9)).save(buf, "PNG")  # 20k px; resized: 640k x 32
+
+    async def go():
+        async with Live(DummyBackend(), max_pixels=1_000_000) as live:
+            a = await live.client.post("/embed", files=files(buf.getvalue(), jpeg_bytes()))
+            b = await live.client.post("/embed", files=[("files", (None, b"plain field"))] + files(jpeg_bytes()))
+            return a, b
+
+    a, b = run(go())
+    assert [r.get("error", {}).get("code") for r in a.json()["results"]] == ["too_many_pixels", None]
+    assert [r.get("error", {}).get("code") for r in b.json()["results"]] == ["not_a_file", None]
+
+
 def test_classify_without_class_head_is_400():
     async def go():
         async with Live(DummyBackend()) as live:
