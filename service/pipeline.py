@@ -61,6 +61,9 @@ def preprocess(raw: RawImage, state: ServiceState) -> np.ndarray | tuple[str, st
 async def infer(raws: list[RawImage], state: ServiceState, route: str) -> list[dict | tuple[str, str]]:
     """Per image, in input order: the model outputs dict or (code, message). Bounded by the
     request timeout; admission control answers 503 before any work when the queue is full."""
+    if not state.ready:
+        raise ApiError(503, "not_ready", f"model not ready: {state.not_ready_reason}",
+                       headers={"Retry-After": "5"})
     try:
         admission = state.batcher.admit(len(raws))
     except QueueFull as e:

@@ -56,6 +56,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, heldout: n
     from s4l.service.export import set_metadata
 
     out_path = Path(out_path)
+    log.info("int8: calibrating on %d images, then comparing with fp32 on %d held-out images",
+             len(calib), len(heldout))
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         prep = Path(tmp) / "prep.onnx"
         quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)

@@ -153,9 +153,11 @@ def test_warm_up_failure_means_not_ready():
     async def go():
         async with Live(backend) as live:
             return (await live.client.get("/readyz"), await live.client.get("/healthz"),
-                    await live.client.get("/info"))
+                    await live.client.get("/info"),
+                    await live.client.post("/embed", files=files(jpeg_bytes())))
 
-    ready, health, info = run(go())
+    ready, health, info, embed = run(go())
+    assert embed.status_code == 503 and embed.json()["error"]["code"] == "not_ready"
     assert ready.status_code == 503 and "warm-up" in ready.json()["reason"]
     assert health.status_code == 200
     assert info.json()["ready"] is False
