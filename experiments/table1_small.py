@@ -71,7 +71,7 @@ SMOKE_BUDGET = 128
 # Rough CPU cost of one budget image relative to a supervised image, for --dry-run estimates only:
 # VAT adds a power-iteration forward+backward and an adversarial forward+backward; a linear probe
 # backpropagates through the head only.
-COST = {"vat": 3.0, "vat-entmin": 3.0, "linear": 0.4}
+COST = {"vat": 3.0, "vat-entmin": 3.0, "moam": 2.0, "linear": 0.4}  # moam: VAT on half the batch
 ROTATION_FAMILY = ("rotation", "s4l-rotation", "moam")  # 4 rotated copies made on the device
 
 # The paper's Table 1 (top-5, 10% / 1% labels) and the release's top-1 where it reports one
@@ -691,6 +691,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "tiny budget: checks the plumbing in seconds, meaningless numbers")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and its estimated cost")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--imagenet-compute", type=float, nargs="?", const=1000.0, default=None,
+                    metavar="IMG_PER_S", help="print each ImageNet preset's images processed and "
+                    "GPU-days at IMG_PER_S forward+backward images/s per GPU (default 1000), exit")
     args = ap.parse_args(argv)
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not args.seed_list:
@@ -703,6 +706,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.budget_scale <= 0:
         ap.error("--budget-scale must be > 0")
     return args
+
+
+IMAGENET_TRAIN = 1_281_167
+
+
+def imagenet_compute(gpu_rate: float) -> list[dict[str, Any]]:
+    """Images processed by each ImageNet preset (Tables 1 and 2) and a GPU-days estimate at
+    `gpu_rate` forward+backward images/s per GPU (VAT rows weighted x3, linear x0.4: COST)."""
+    from s4l.training.objectives import OBJECTIVES
+    from s4l.training.presets import PRESETS
+
+    out = []
+    for p in PRESETS.values():
+        if p.scale != "imagenet" or p.smoke:
+            continue
+        cfg = p.config
+        obj = OBJECTIVES[cfg.objective.name]
+        per_step, b_l, b_u = images_per_step(cfg)
+        n_classes = 1000
+        n_train = IMAGENET_TRAIN - cfg.data.val_per_class * n_classes
+        n_lab = cfg.data.labels_per_class * n_classes if cfg.data.labels_per_class else n_train
+        if cfg.data.pseudo_labels is not None or cfg.objective.name == "pseudo-label":
+            n_lab = n_train  # the student trains on every image
+        spe = n_lab // b_l if obj.uses_labelled else n_train // b_u
+        steps = round(cfg.optim.total_epochs * spe)
+        images = steps * per_step
+        cost = COST.get(cfg.objective.name, 1.0) * cfg.model.width ** 2
+        out.append({"preset": p.name, "row": p.paper_row, "paper": p.paper_number,
+                    "width": cfg.model.width, "steps": steps, "images_per_step": per_step,
+                    "images": images,
+                    "gpu_days": images * cost / gpu_rate / 86400})
+    return out
 
 
 def print_plan(plan: list[Run], rate: float, rate_source: str) -> None:
@@ -742,6 +777,13 @@ def measured_rate(plan: list[Run]) -> float | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.imagenet_compute:
+        print(f"| preset | paper row | paper | width | steps | images/step | images | GPU-days at "
+              f"{args.imagenet_compute:g} img/s |\n|---|---|---|---|---|---|---|---|")
+        for x in imagenet_compute(args.imagenet_compute):
+            print(f"| `{x['preset']}` | {x['row']} | {x['paper']} | {x['width']:g} | {x['steps']:,} "
+                  f"| {x['images_per_step']:,} | {x['images'] / 1e6:,.1f} M | {x['gpu_days']:.1f} |")
+        return 0
     started = time.time()
     command = "python experiments/table1_small.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
