@@ -102,6 +102,8 @@ class MicroBatcher:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
+                if self.admitted <= len(batch):
+                    break  # every admitted image is in this batch: waiting cannot add any
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

@@ -75,6 +75,17 @@ def test_concurrent_requests_are_batched_in_order():
     assert backend.max_concurrent == 1  # one model call at a time
 
 
+def test_a_lone_request_does_not_wait_for_the_batching_window():
+    backend = DummyBackend()
+
+    async def go():
+        async with Live(backend, max_wait_ms=10_000, request_timeout_s=3) as live:
+            return await live.client.post("/embed", files=files(jpeg_bytes(), jpeg_bytes(seed=2)))
+
+    r = run(go())
+    assert r.status_code == 200 and backend.batch_sizes[1:] == [2]
+
+
 def test_event_loop_is_not_blocked_by_inference():
     backend = DummyBackend(delay_s=0.5)
 
