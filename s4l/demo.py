@@ -1,0 +1,335 @@
+"""`s4l demo` / `make demo`: the whole system end to end on the built-in digits dataset.
+
+Each step runs the same `s4l` command a user would type (so the demo exercises the documented
+commands), in its own process, into one output folder:
+
+1. train S4L-Rotation and a supervised baseline on builtin:digits with 10% of the labels;
+2. extract features of the test split to HDF5 and fit the linear probe on them;
+3. export the S4L model to ONNX (checked against torch at export);
+4. start the HTTP server on a free local port, send held-out digit images to /embed and
+   /classify as a real client, check /readyz and /metrics, stop the server;
+5. print a summary table and the path of every artifact.
+
+A second run reuses every finished artifact (training resumes into a finished workdir, which
+returns at once). Any failing step stops the demo with its name and a non-zero exit code.
+Torch-free at import time (docs/contracts.md "The s4l command").
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from s4l.errors import UserError
+
+HELP = "run the whole system end to end on the built-in digits dataset (train, probe, export, serve)"
+
+DATA = "builtin:digits"
+LABEL_FRACTION = 0.1
+
+# Small widths and schedules sized for a couple of minutes of training on 2 CPU cores. Both
+# models get the same labels, width, image size, steps and labelled batch; S4L-Rotation also
+# sees the unlabelled images (4 rotations of each). The numbers come from the CIFAR-10 presets
+# (`s4l train --list-presets`), shrunk with ordinary `--set` overrides.
+_COMMON = [
+    "model.width=0.125",
+    "model.stem=small",
+    "data.image_size=32",
+    "data.eval_resize=32",
+    "data.eval_split=test",
+    "data.val_per_class=5",
+    "data.workers=0",
+    "data.eval_batch_size=128",
+    "optim.batch_size=32",
+    "optim.warmup_epochs=2",
+    "optim.decay_epochs=24,28",
+    "optim.total_epochs=30",
+    "eval.every_epochs=10",
+    "checkpoint.every_epochs=10",
+    "log_every_steps=20",
+]
+RUNS = {
+    "s4l-rotation": ("cifar10-s4l-rotation-10pct", _COMMON + ["optim.lr=0.1"]),
+    "supervised": ("cifar10-supervised-10pct", _COMMON + ["optim.lr=0.1"]),
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+
+
+class StepFailed(UserError):
+    pass
+
+
+def _banner(n: int, title: str) -> None:
+    print(f"\n=== step {n}/5: {title} ===", flush=True)
+
+
+def _s4l(*args: str, log: Path | None = None) -> None:
+    """Run `s4l ARGS` in a child process; its output goes to the terminal (and a log)."""
+    cmd = [sys.executable, "-m", "s4l.cli", *args]
+    print("$ s4l " + " ".join(args), flush=True)
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise StepFailed(f"`s4l {args[0]}` failed with exit code {proc.returncode}")
+
+
+def _read_final_metrics(workdir: Path) -> dict[str, Any]:
+    path = workdir / "final_metrics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    last: dict[str, Any] = {}
+    metrics = workdir / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            if any(k.startswith("eval/") for k in rec):
+                last = rec
+    return last
+
+
+def _metric(m: dict[str, Any], *names: str) -> float | None:
+    for n in names:
+        for k, v in m.items():
+            if k.endswith(n) and isinstance(v, (int, float)):
+                return float(v)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _multipart(files: list[tuple[str, bytes, str]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, data, ctype in files:
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n"
+        )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _sample_images(out: Path, n: int = 4) -> list[tuple[Path, str]]:
+    """Write n held-out test digits as PNG files, as a user would have them on disk."""
+    from s4l.datasets import open_source
+
+    src = open_source(DATA, "test")
+    folder = out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    picked = []
+    step = max(1, len(src) // n)
+    for i in range(0, step * n, step):
+        path = folder / f"test_{i:04d}_true_{src.classes[src.label(i)]}.png"
+        if not path.exists():
+            src.load(i).save(path)
+        picked.append((path, src.classes[src.label(i)]))
+    return picked
+
+
+def _serve_and_query(model: Path, out: Path, port: int) -> dict[str, Any]:
+    port = port or _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = out / "server.log"
+    env = dict(os.environ)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "s4l.cli", "serve", "--model", str(model), "--host",
+             "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    print(f"$ s4l serve --model {model} --port {port}   (log: {log_path})", flush=True)
+    try:
+        deadline = time.monotonic() + 120
+        ready: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StepFailed(f"the server exited with code {proc.returncode}; see {log_path}")
+            try:
+                status, body = _http("GET", base + "/readyz")
+                if status == 200:
+                    ready = json.loads(body)
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.3)
+        else:
+            raise StepFailed(f"the server was not ready within 120 s; see {log_path}")
+        print(f"GET /readyz -> 200 {json.dumps(ready)}")
+
+        samples = _sample_images(out)
+        files = [(p.name, p.read_bytes(), "image/png") for p, _ in samples]
+        body, ctype = _multipart(files)
+        status, raw = _http("POST", base + "/embed", body, {"Content-Type": ctype})
+        if status != 200:
+            raise StepFailed(f"POST /embed answered {status}: {raw[:300]!r}")
+        embed = json.loads(raw)
+        dims = [len(r["embedding"]) for r in embed["results"] if "embedding" in r]
+        print(f"POST /embed ({len(files)} PNG files, multipart) -> 200: dim {embed['dim']}, "
+              f"{len(dims)} embeddings")
+        if len(dims) != len(files) or any(d != embed["dim"] for d in dims):
+            raise StepFailed(f"/embed returned {embed['results']!r:.300}")
+
+        payload = json.dumps({
+            "images": [base64.b64encode(p.read_bytes()).decode() for p, _ in samples],
+        }).encode()
+        status, raw = _http("POST", base + "/classify?top_k=3", payload, {"Content-Type": "application/json"})
+        if status != 200:
+            raise StepFailed(f"POST /classify answered {status}: {raw[:300]!r}")
+        results = json.loads(raw)["results"]
+        print("POST /classify (same images, JSON base64, top_k=3) -> 200:")
+        correct = 0
+        for (path, truth), res in zip(samples, results):
+            if "error" in res:
+                raise StepFailed(f"/classify failed on {path.name}: {res['error']}")
+            top = ", ".join(f"{t['label']} {t['score']:.2f}" for t in res["top_k"])
+            correct += res["top_k"][0]["label"] == truth
+            print(f"  {path.name:28s} true {truth}  top-3: {top}")
+
+        status, raw = _http("GET", base + "/metrics")
+        text = raw.decode(errors="replace")
+        if status != 200 or "s4l_" not in text:
+            raise StepFailed(f"GET /metrics answered {status} without s4l metrics")
+        images = [ln for ln in text.splitlines() if ln.startswith("s4l_images_total")]
+        print(f"GET /metrics -> 200 ({len(text.splitlines())} lines)")
+        for ln in images:
+            print(f"  {ln}")
+        return {"port": port, "served_top1": f"{correct}/{len(samples)}", "dim": embed["dim"],
+                "provider": ready.get("provider") or ready.get("execution_provider")}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        print("server stopped")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out).resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *a):
+        t = time.monotonic()
+        r = fn(*a)
+        timings[name] = time.monotonic() - t
+        return r
+
+    _banner(1, f"train S4L-Rotation and a supervised baseline on {DATA} ({LABEL_FRACTION:.0%} labels)")
+    results: dict[str, dict[str, Any]] = {}
+    for name, (preset, sets) in RUNS.items():
+        workdir = out / name
+        argv = ["train", "--preset", preset, "--data", DATA, "--workdir", str(workdir),
+                "--label-fraction", str(LABEL_FRACTION)]
+        for s in sets:
+            argv += ["--set", s]
+        timed(f"train {name}", _s4l, *argv)
+        results[name] = _read_final_metrics(workdir)
+    print("\ntest accuracy on the digits test split (same 10% labels, same steps):")
+    print(f"  {'model':14s} {'top-1':>7s} {'top-5':>7s}")
+    for name, m in results.items():
+        top1 = _metric(m, "top1", "acc1", "top1_unrotated")
+        top5 = _metric(m, "top5", "acc5", "top5_unrotated")
+        print(f"  {name:14s} {_fmt(top1):>7s} {_fmt(top5):>7s}")
+
+    ckpt = out / "s4l-rotation" / "checkpoint.pt"
+    _banner(2, "extract test-split features to HDF5 and fit the linear probe")
+    feats = {}
+    for split in ("train", "test"):
+        feats[split] = out / f"features_{split}.h5"
+        if not feats[split].exists():
+            timed(f"extract {split}", _s4l, "extract", "--model", str(ckpt), "--data", DATA,
+                  "--split", split, "--out", str(feats[split]))
+        else:
+            print(f"reusing {feats[split]}")
+    probe_dir = out / "probe"
+    if not (probe_dir / "report.json").exists():
+        timed("probe", _s4l, "probe", "--train", str(feats["train"]), "--val",
+              str(feats["test"]), "--out", str(probe_dir), "--overwrite")
+    probe = json.loads((probe_dir / "report.json").read_text())
+
+    _banner(3, "export the S4L model to ONNX (checked against torch)")
+    onnx_path = out / "model.onnx"
+    if not onnx_path.exists():
+        timed("export", _s4l, "export", "--checkpoint", str(ckpt), "--out", str(onnx_path))
+    else:
+        print(f"reusing {onnx_path}")
+
+    _banner(4, "serve it over HTTP and query it as a client would")
+    served = timed("serve", _serve_and_query, onnx_path, out, args.port)
+
+    _banner(5, "summary")
+    rows = [
+        ("S4L-Rotation test top-1", _fmt(_metric(results["s4l-rotation"], "top1", "acc1"))),
+        ("supervised test top-1", _fmt(_metric(results["supervised"], "top1", "acc1"))),
+        ("linear probe (sklearn) top-1", _fmt(_probe_top1(probe))),
+        ("served /classify correct", served["served_top1"]),
+        ("embedding dim", str(served["dim"])),
+        ("total time", f"{time.monotonic() - t0:.0f} s"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}s}  {v}")
+    print("\nartifacts:")
+    for label, path in [
+        ("S4L-Rotation checkpoint", ckpt),
+        ("supervised checkpoint", out / "supervised" / "checkpoint.pt"),
+        ("features (train, test)", f"{feats['train']}, {feats['test']}"),
+        ("probe report", probe_dir / "report.json"),
+        ("learning curves", probe_dir / "learning_curves.png"),
+        ("ONNX model", onnx_path),
+        ("sample images", out / "samples"),
+    ]:
+        print(f"  {label:24s} {path}")
+    print(f"\nserve the model: make serve   (or: s4l serve --model {onnx_path})")
+    (out / "summary.json").write_text(json.dumps(
+        {"train": results, "probe_top1": _probe_top1(probe), "served": served,
+         "timings_s": timings, "total_s": time.monotonic() - t0}, indent=2, default=str))
+    return 0
+
+
+def _probe_top1(report: dict[str, Any]) -> float | None:
+    for key in ("sklearn", "lbfgs"):
+        sec = report.get(key) or report.get("results", {}).get(key)
+        if isinstance(sec, dict):
+            for k in ("top1", "val_top1"):
+                if isinstance(sec.get(k), (int, float)):
+                    return float(sec[k])
+    return None
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f}%" if x <= 1.0 else f"{x:.1f}"
