@@ -276,7 +276,8 @@ def main(args: argparse.Namespace) -> int:
     probe_dir = out / "probe"
     if not (probe_dir / "report.json").exists():
         timed("probe", _s4l, "probe", "--train", str(feats["train"]), "--val",
-              str(feats["test"]), "--out", str(probe_dir), "--overwrite")
+              str(feats["test"]), "--out", str(probe_dir), "--overwrite",
+              "--schedules", "short=10,long=60", "--no-progress")
     probe = json.loads((probe_dir / "report.json").read_text())
 
     _banner(3, "export the S4L model to ONNX (checked against torch)")
