@@ -178,3 +178,28 @@ def test_val_study_tiny_end_to_end_and_resume(folder, tmp_path):
     before = _stamps(files)
     assert vs.main(argv) == 0
     assert _stamps(files) == before
+
+
+def test_benchmark_runner_flags_and_ratios():
+    """benchmarks/run_all.py: stale flags are dropped with their values; every ratio is collected."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "run_all", Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    sys.modules["run_all"] = run_all  # its dataclasses look their module up
+    spec.loader.exec_module(run_all)
+    kept, dropped = run_all.keep_known_flags(
+        ("--n", "64", "--gone", "3", "--int8", "--rounds", "1"), {"--n", "--int8", "--rounds"})
+    assert kept == ["--n", "64", "--int8", "--rounds", "1"] and dropped == ["--gone"]
+    report = {"served_fp32": [{"concurrency": 1, "ratio_vs_raw": 0.8, "p99_over_raw_single_p50": 1.6},
+                              {"concurrency": 8, "ratio_vs_raw": 0.9}],
+              "results": {"sklearn_lbfgs": {"ratio": 1.0, "seconds": 3.0},
+                          "sgd": {"ratio": None, "reached": False}},
+              "targets": {"ratio_ok": True}}
+    got = {r["metric"]: r["value"] for r in run_all.ratios(report)}
+    assert got == {"served_fp32[c=1].ratio_vs_raw": 0.8,
+                   "served_fp32[c=1].p99_over_raw_single_p50": 1.6,
+                   "served_fp32[c=8].ratio_vs_raw": 0.9,
+                   "results.sklearn_lbfgs.ratio": 1.0, "results.sgd.ratio": None}
+    assert {p.stem for p in run_all.discover(None)} >= {"extract", "probe", "serve"}
