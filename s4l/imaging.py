@@ -72,7 +72,8 @@ def _open(data: bytes | str | os.PathLike) -> tuple[Image.Image, str]:
     except Image.DecompressionBombError as e:
         raise ImageError("too_many_pixels", f"{name}: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError("undecodable", f"{name}: not a decodable image ({e})") from e
+        reason = str(e).replace(repr(fp), "the data") if name == "<bytes>" else str(e)
+        raise ImageError("undecodable", f"{name}: not a decodable image ({reason})") from e
     return img, name
 
 
@@ -178,6 +179,13 @@ def eval_crop(img: Image.Image, spec: PreprocessSpec = PreprocessSpec()) -> np.n
     w, h = img.size
     scale = spec.resize / min(w, h)
     nw, nh = max(spec.crop, round(w * scale)), max(spec.crop, round(h * scale))
+    if nw * nh > DEFAULT_MAX_PIXELS:
+        # An extreme aspect ratio (e.g. 40,000,000 x 1) passes the decode limit but would
+        # resize to billions of pixels.
+        raise ImageError(
+            "too_many_pixels",
+            f"a {w}x{h} image resizes to {nw}x{nh} for the eval crop: aspect ratio too extreme",
+        )
     if (nw, nh) != (w, h):
         resample = _INTERPOLATIONS[spec.interpolation]
         if resample == Image.Resampling.BOX and (nw > w or nh > h):

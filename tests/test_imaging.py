@@ -140,3 +140,15 @@ def test_spec_roundtrip_and_validation():
         PreprocessSpec(interpolation="magic")
     with pytest.raises(ValueError):
         PreprocessSpec(resize=10, crop=20)
+
+
+def test_undecodable_message_is_clean():
+    with pytest.raises(ImageError) as e:
+        decode_image(b"not an image at all")
+    assert "BytesIO" not in e.value.message and "0x" not in e.value.message
+
+
+def test_extreme_aspect_ratio_refused_before_resizing():
+    with pytest.raises(ImageError) as e:
+        eval_crop(Image.new("RGB", (200_000, 1)), PreprocessSpec())
+    assert e.value.code == "too_many_pixels"
