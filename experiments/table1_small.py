@@ -31,7 +31,7 @@ table across sessions::
     .venv/bin/python experiments/table1_small.py --only supervised --budget-scale 0.1
     .venv/bin/python experiments/table1_small.py --smoke --data builtin:digits   # plumbing only
 
-Outputs, in ``--workdir`` (default runs/table1_small): ``label_map_<N>.json``,
+Outputs, in ``--workdir`` (default runs/table1_small): ``label_map_<N>labels_seed<k>.json``,
 ``<N>labels-budget<B>/<row>/seed<s>/`` (the trainer's workdirs), ``results.md`` and
 ``results.json`` (the table beside the paper's numbers, the budget, seeds, machine, git commit,
 wall time per run). Rows not run yet appear as "-".
@@ -176,6 +176,11 @@ def cifar10_root(given: str | None) -> str:
     return str(dest)
 
 
+def label_file_path(work: Path, tag: str, seed: int) -> Path:
+    """Where a regime's label file lives: one file per (number of labels, draw seed)."""
+    return work / f"label_map_{tag}_seed{seed}.json"
+
+
 def ensure_label_map(path: Path, source, per_class: int, seed: int) -> Path:
     """Write the class-balanced label file once; afterwards only check that it still fits."""
     from s4l.datasets import balanced_subset, label_map_names, read_label_map, select_labelled
@@ -208,10 +213,11 @@ class Counts:
     classes: int
 
 
-def count_images(source, label_file: Path, val_per_class: int) -> Counts:
+def count_images(source, label_file: Path, val_per_class: int, label_seed: int = 0) -> Counts:
     from s4l.datasets import training_subsets
 
-    sub = training_subsets(source, label_map=label_file, val_per_class=val_per_class)
+    sub = training_subsets(source, label_map=label_file, val_per_class=val_per_class,
+                           label_seed=label_seed)
     return Counts(labelled=len(sub.labelled), train=len(sub.unlabelled), classes=len(source.classes))
 
 
@@ -278,12 +284,15 @@ def preset_name(stem: str, regime: Regime, smoke: bool) -> str:
 
 
 def make_config(preset: str, data: str, seed: int, label_file: Path | None, val_per_class: int,
-                overrides: Sequence[str], extra: Sequence[tuple[str, Any]] = ()):
+                overrides: Sequence[str], extra: Sequence[tuple[str, Any]] = (), label_seed: int = 0):
+    """The preset with this table's data, seed, label file and held-out split (the held-out draw
+    uses `data.label_seed`, so it is the label draw's seed everywhere), then `--set` overrides."""
     from s4l.training import config as C
     from s4l.training.presets import get_preset
 
     cfg = get_preset(preset).config
     pairs: list = [("data.root", data), ("seed", seed), ("data.val_per_class", val_per_class),
+                   ("data.label_seed", label_seed),
                    ("data.labels_per_class", None), ("data.label_fraction", None),
                    ("data.labels", str(label_file) if label_file else None), *extra]
     return C.apply_overrides(C.apply_overrides(cfg, pairs), list(overrides))
@@ -298,10 +307,11 @@ def build_plan(args, data: str, source, regimes: Sequence[Regime], work: Path,
     runs: dict[str, Run] = {}
     for regime in regimes:
         tag = regime.tag(n_classes)
-        label_file = ensure_label_map(Path(args.workdir) / f"label_map_{tag}.json", source,
+        label_file = ensure_label_map(label_file_path(Path(args.workdir), tag, args.label_seed), source,
                                       regime.per_class, args.label_seed)
-        counts = count_images(source, label_file, args.val_per_class)
-        base = work / f"{tag}-budget{budget}"
+        counts = count_images(source, label_file, args.val_per_class, args.label_seed)
+        base = work / (f"{tag}-budget{budget}" + (f"-labelseed{args.label_seed}"
+                                                      if args.label_seed else ""))
 
         def add(name: str, row: str | None, stem: str, seed: int, extra=(), deps=(),
                 pseudo=None, teacher=None, label_file=label_file, counts=counts, base=base,
@@ -310,7 +320,8 @@ def build_plan(args, data: str, source, regimes: Sequence[Regime], work: Path,
             if rid in runs:
                 return runs[rid]
             preset = preset_name(stem, regime, args.smoke)
-            cfg = make_config(preset, data, seed, label_file, args.val_per_class, args.overrides, extra)
+            cfg = make_config(preset, data, seed, label_file, args.val_per_class, args.overrides,
+                              extra, args.label_seed)
             n_lab = counts.train if cfg.data.pseudo_labels else counts.labelled
             cfg, rec = apply_budget(cfg, budget, n_lab, counts.train)
             runs[rid] = Run(rid, name, row, tag, seed, preset, base / name / f"seed{seed}", cfg, rec,
@@ -799,7 +810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     plan = build_plan(args, data, source, regimes, work, budget)
     label_files = {reg.tag(len(source.classes)):
-                   work / f"label_map_{reg.tag(len(source.classes))}.json" for reg in regimes}
+                   label_file_path(work, reg.tag(len(source.classes)), args.label_seed)
+                   for reg in regimes}
 
     if args.dry_run:
         rate = args.rate or measured_rate(plan)

@@ -19,8 +19,9 @@ command continues across sessions::
     .venv/bin/python experiments/val_study_small.py                # the sweep + the study (hours)
     .venv/bin/python experiments/val_study_small.py --smoke --data IMAGE_FOLDER   # plumbing only
 
-Outputs in ``--workdir`` (default runs/val_study_small): the sweep runs, ``heldout_pool.txt``
-(the pool as a Places205-format list), ``study/val_study.{json,png}``, ``val_study_small.md``;
+Outputs in ``--workdir`` (default runs/val_study_small): the label file; per (labels, pool,
+budget) a folder with the sweep runs, ``heldout_pool.txt`` (the pool as a Places205-format list)
+and ``study/val_study.{json,png}``; ``val_study_small.{md,json,png}`` (the latest study);
 unless ``--no-docs`` (or ``--smoke``), ``docs/val_study_small.md`` and ``docs/val_study_small.png``.
 """
 
@@ -88,15 +89,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def build_sweep(args, data: str, source, label_file: Path, work: Path, budget: int) -> list[t1.Run]:
     """One budgeted supervised run per (lr, wd), all on the same labels and held-out pool."""
-    counts = t1.count_images(source, label_file, args.val_per_class)
+    counts = t1.count_images(source, label_file, args.val_per_class, args.label_seed)
     tag = f"{counts.labelled}labels"
-    base = work / f"{tag}-budget{budget}"
+    base = work / (f"{tag}-val{args.val_per_class}-budget{budget}"
+                   + (f"-labelseed{args.label_seed}" if args.label_seed else ""))
     preset = PRESET + ("-smoke" if args.smoke else "")
     runs = []
     for lr, wd in itertools.product(args.lr_list, args.wd_list):
         name = f"lr{lr:g}_wd{wd:g}"
         cfg = t1.make_config(preset, data, args.seed, label_file, args.val_per_class,
-                             args.overrides, [("optim.lr", lr), ("optim.weight_decay", wd)])
+                             args.overrides, [("optim.lr", lr), ("optim.weight_decay", wd)],
+                             args.label_seed)
         cfg, rec = t1.apply_budget(cfg, budget, counts.labelled, counts.train)
         rec.update(lr=lr, weight_decay=wd)
         runs.append(t1.Run(f"{tag}/{name}", name, "supervised", tag, args.seed, preset,
@@ -184,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     label_file = t1.ensure_label_map(
-        work / f"label_map_{args.labels_per_class * len(source.classes)}labels.json", source,
+        t1.label_file_path(work, f"{args.labels_per_class * len(source.classes)}labels",
+                           args.label_seed), source,
         args.labels_per_class, args.label_seed)
     budget = max(1, round((t1.SMOKE_BUDGET if args.smoke else DEFAULT_BUDGET) * args.budget_scale))
     runs = build_sweep(args, data, source, label_file, work, budget)
@@ -218,9 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     # -- 2. the study on the held-out pool (logits per checkpoint are cached by s4l val-study)
-    pool = write_pool(source, label_file, args.val_per_class, args.label_seed, work / "heldout_pool.txt")
+    base = done[0].workdir.parent
+    pool = write_pool(source, label_file, args.val_per_class, args.label_seed,
+                      base / "heldout_pool.txt")
     sizes = sorted({1, 5, args.val_per_class} & set(range(1, args.val_per_class + 1)))
-    study_dir = work / f"study-{done[0].regime}-budget{budget}"
+    study_dir = base / "study"
     argv_vs = ["val-study", "--models", *[str(r.workdir / "checkpoint.pt") for r in done],
                "--data", pool, "--split", "train", "--out", str(study_dir),
                "--per-class", *map(str, sizes), "--draws", str(args.draws),

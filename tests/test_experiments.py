@@ -39,11 +39,11 @@ def test_table1_tiny_end_to_end_and_resume(folder, tmp_path, caplog):
     work = tmp_path / "t1"
     argv = ["--smoke", "--data", str(folder), "--workdir", str(work), "--labels-per-class", "4",
             "--val-per-class", "1", "--seeds", "0", "--only", "supervised,pseudo-labels",
-            "--set", "data.workers=0", "--no-progress"]
+            "--budget-scale", "0.5", "--set", "data.workers=0", "--no-progress"]
     assert t1.main(argv) == 0
     res = json.loads((work / "results.json").read_text())
     assert [r["row"] for r in res["rows"]] == ["supervised", "pseudo-labels"]
-    label_file = work / "label_map_12labels.json"
+    label_file = work / "label_map_12labels_seed0.json"
     assert len(read_label_map(label_file)) == 12  # 4 per class x 3 classes
     assert res["regimes"][0]["label_file"] == str(label_file)
     runs = {r["id"]: r for r in res["runs"]}
@@ -113,7 +113,7 @@ def test_plan_budget_matches_the_trainer(folder, tmp_path):
     assert seeds["supervised"] == seeds["s4l-rotation"] == [0, 1]
     assert seeds["vat"] == [0]
     assert seeds["pseudo-labels"] == [0]
-    counts = t1.count_images(source, tmp_path / "w" / "label_map_12labels.json", 1)
+    counts = t1.count_images(source, tmp_path / "w" / "label_map_12labels_seed0.json", 1)
     for run in plan:
         b = run.budget
         assert budget - b["images_per_step"] < b["images"] <= budget, run.id
@@ -149,9 +149,12 @@ def test_paper_numbers_match_the_presets():
 
 
 def test_val_study_tiny_end_to_end_and_resume(folder, tmp_path):
+    from s4l.datasets import open_source, training_subsets
+
     work = tmp_path / "vs"
     argv = ["--smoke", "--data", str(folder), "--workdir", str(work), "--labels-per-class", "4",
-            "--val-per-class", "3", "--lrs", "0.01,0.1", "--wds", "0.001", "--draws", "3",
+            "--val-per-class", "3", "--label-seed", "1", "--lrs", "0.01,0.1", "--wds", "0.001",
+            "--draws", "3",
             "--budget-scale", "0.5", "--set", "data.workers=0", "--no-progress", "--no-docs"]
     assert vs.main(argv) == 0
     out = json.loads((work / "val_study_small.json").read_text())
@@ -159,12 +162,18 @@ def test_val_study_tiny_end_to_end_and_resume(folder, tmp_path):
     assert len(study["models"]) == 2 and study["pool_images"] == 9
     assert sorted(s["per_class"] for s in study["sizes"].values()) == [1, 3]
     # The pool is exactly the runs' held-out split: no pool image was trained on.
-    pool = [ln.split()[0] for ln in (work / "heldout_pool.txt").read_text().splitlines()]
+    pool_file = next(work.glob("*/heldout_pool.txt"))
+    pool = [ln.split()[0] for ln in pool_file.read_text().splitlines()]
     assert len(pool) == 9
+    source = open_source(str(folder), "train")
     for r in out["runs"]:
         assert r["status"] == "done"
         final = json.loads((Path(r["workdir"]) / "final_metrics.json").read_text())
         assert final["heldout/n"] == 9
+        d = json.loads((Path(r["workdir"]) / "config.json").read_text())["data"]
+        sub = training_subsets(source, label_map=d["labels"], label_seed=d["label_seed"],
+                               val_per_class=d["val_per_class"])
+        assert sorted(source.relpath(i) for i in sub.val) == sorted(pool)
     # The pool accuracies are those of the runs' own held-out evaluation (same images, same crop).
     held = sorted(json.loads((Path(r["workdir"]) / "final_metrics.json").read_text())["heldout/top1"]
                   for r in out["runs"])
@@ -174,7 +183,8 @@ def test_val_study_tiny_end_to_end_and_resume(folder, tmp_path):
     assert "| 1 | 3 |" in md and "lr0.1_wd0.001" in md
 
     files = [Path(r["workdir"]) / "checkpoint.pt" for r in out["runs"]]
-    files += list((work).glob("study-*/logits/*.h5"))
+    files += list(work.glob("*/study/logits/*.h5"))
+    assert len(files) == 4
     before = _stamps(files)
     assert vs.main(argv) == 0
     assert _stamps(files) == before
