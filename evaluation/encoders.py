@@ -107,6 +107,9 @@ class OnnxEncoder(Encoder):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # No busy-waiting between ops: spinning intra-op threads would take the CPU the decode
+        # workers need (extraction overlaps the two); for big batched convs it gains nothing.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device and device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")

@@ -130,7 +130,7 @@ def plot_learning_curves(results: Sequence[dict], path: str | os.PathLike) -> No
             if name not in schedules:
                 schedules.append(name)
     fig, axes = plt.subplots(1, max(1, len(schedules)), figsize=(5.5 * max(1, len(schedules)), 4),
-                             squeeze=False)
+                             squeeze=False, sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, name in zip(axes[0], schedules):
         for i, r in enumerate(results):
