@@ -322,3 +322,17 @@ def test_probe_refuses_features_of_another_model(tmp_path, ckpt, folder):
                      "--no-progress"])
     assert code == 2
     assert not (tmp_path / "p" / "report.json").exists()
+
+
+def test_shards_whose_images_all_fail_merge_cleanly(tmp_path, ckpt, folder):
+    """One image per shard: the corrupt and the empty file each make a shard with no rows."""
+    a, b = tmp_path / "one.h5", tmp_path / "many.h5"
+    s = extract(ExtractConfig(model=str(ckpt), data=str(folder), out=str(a), batch_size=1,
+                              shard_size=1, workers=0, progress=False))
+    assert s["shards"] == 35 and s["rows"] == 33 and s["errors"] == 2
+    extract(ExtractConfig(model=str(ckpt), data=str(folder), out=str(b), batch_size=8,
+                          shard_size=16, workers=0, progress=False))
+    ra, rb = read_all(a), read_all(b)
+    assert ra["paths"].tolist() == rb["paths"].tolist() and ra["errors"] == rb["errors"]
+    # Eval-mode BN: a row does not depend on its batch-mates (up to float rounding).
+    np.testing.assert_allclose(ra["features"], rb["features"], rtol=1e-4, atol=1e-5)
