@@ -163,9 +163,10 @@ def test_killed_run_resumes_to_an_identical_file(tmp_path, ckpt, folder):
     ref = tmp_path / "ref.h5"
     assert run_cli(*args, "--out", ref) == 0
     out = tmp_path / "resumed.h5"
+    out.write_bytes(b"a previous finished result")  # replaced with --overwrite, never half-way
     parts = parts_dir(out)
     proc = subprocess.Popen([sys.executable, "-c", KILLER, *map(str, args), "--out", str(out),
-                             "--no-progress"], cwd=ROOT, stderr=subprocess.PIPE)
+                             "--overwrite", "--no-progress"], cwd=ROOT, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
         while len(list(parts.glob("shard-*.h5"))) < 3:
@@ -176,12 +177,13 @@ def test_killed_run_resumes_to_an_identical_file(tmp_path, ckpt, folder):
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert not out.exists()
+    assert out.read_bytes() == b"a previous finished result"
     done_before = sorted(p.name for p in parts.glob("shard-*.h5"))
     assert len(done_before) == 3  # shards 0-2 finished; shard 3 never started
     # Same command again: finished shards are reused, the rest computed, the file identical.
     summary = extract(ExtractConfig(model=str(ckpt), data=str(folder), out=str(out), split="val",
-                                    batch_size=3, shard_size=5, workers=1, progress=False))
+                                    batch_size=3, shard_size=5, workers=1, overwrite=True,
+                                    progress=False))
     assert summary["shards_skipped"] == 3 and summary["shards"] == 7
     assert summary["images_this_run"] == 35 - 15
     assert_same_file(ref, out)
