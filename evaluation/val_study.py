@@ -153,7 +153,7 @@ def plot_study(result: dict, path: str | os.PathLike) -> None:
                    label=f"full-pool best ({result['models'][b]})")
         pick = int(np.bincount(s["picks"], minlength=len(full)).argmax())
         ax.scatter([full[pick]], [mean[pick]], s=260, facecolors="none", edgecolors="black",
-                   lw=1.5, zorder=6, label=f"small-set pick ({s['picks_best_fraction']:.0%} = best)")
+                   lw=1.5, zorder=6, label=f"most frequent small-set pick (the best in {s['picks_best_fraction']:.0%} of draws)")
         r = s["correlation"]
         ax.set_title(f"{s['per_class']}/class ({s['images']} images)\n"
                      f"Pearson {r['pearson']['mean']:.2f}  Spearman {r['spearman']['mean']:.2f}  "
