@@ -118,3 +118,12 @@ def test_documented_curl_routes_exist():
             assert (method, url.group(1)) in routes, f"{doc.name}: {method} {url.group(1)} is not a route"
             seen += 1
     assert seen >= 5, "the README's HTTP API section shows curl for every route"
+
+
+def test_cli_reference_is_current():
+    from s4l.cli import reference_markdown
+
+    committed = (ROOT / "docs" / "cli.md").read_text()
+    assert committed == reference_markdown(), (
+        "docs/cli.md is stale: regenerate with `python -m s4l.cli --reference > docs/cli.md`"
+    )
