@@ -139,7 +139,7 @@ def artifacts(tmp_path_factory):
     train(get_preset("supervised-10pct-smoke").config, root / "teacher", progress=False)
     ckpt = root / "teacher" / "checkpoint.pt"
     pl = root / "pl.json"
-    pseudo_label(ckpt, "builtin:digits", pl, workers=0, batch_size=256, progress=False)
+    pseudo_label(ckpt, "builtin:digits", pl, workers=0, progress=False)
     return {"init.checkpoint": str(ckpt), "data.pseudo_labels": str(pl)}
 
 
