@@ -390,9 +390,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def execute(run: Run, data: str, label_files: dict[str, Path], progress: bool) -> None:
     """Make the pseudo-label file if needed, then train (or resume) the run, timing it."""
-    from s4l.training.trainer import train
-
     from s4l.cli import main as s4l_main
+    from s4l.training.trainer import train
 
     t0 = time.time()
     rec = wall_record(run)

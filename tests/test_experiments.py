@@ -94,10 +94,9 @@ def test_table1_tiny_end_to_end_and_resume(folder, tmp_path, caplog):
 
 def test_plan_budget_matches_the_trainer(folder, tmp_path):
     """Same budget for every row, and the steps the script plans are the steps the trainer runs."""
+    from s4l.datasets import open_source
     from s4l.training.objectives import build_objective
     from s4l.training.trainer import make_plan
-
-    from s4l.datasets import open_source
 
     args = t1.parse_args(["--smoke", "--data", str(folder), "--workdir", str(tmp_path / "w"),
                           "--labels-per-class", "4", "--val-per-class", "1", "--seeds", "0,1",
