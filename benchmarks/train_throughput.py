@@ -1,0 +1,197 @@
+"""Training throughput: supervised vs S4L-Rotation steps, fp32 vs bf16, synthetic vs real JPEGs.
+
+Measures training images/s of the trainer's own step (`s4l.training.trainer._train_step`:
+forward + backward + SGD update, objective from the OBJECTIVES table) at standard width
+(width 1, 224 px) by default, and reports ratios measured in the same run:
+
+- S4L-Rotation per-image cost vs supervised: seconds per SOURCE image of a step (S4L-Rotation
+  forwards 4 rotations of a labelled AND an unlabelled batch: ~8x the images of a supervised
+  step of the same batch size) and seconds per FORWARDED image (what the hardware sees);
+- bf16 autocast vs fp32 (same objective, same batch);
+- real JPEG loading (Imagenette from ../shared/data through `s4l.training.data`'s loaders,
+  decode + inception crop + flip in worker processes) vs synthetic tensors.
+
+    python benchmarks/train_throughput.py                      # width 1, 224 px (GPU-sized)
+    python benchmarks/train_throughput.py --size 64 --width 0.25 --batch 16 --steps 3  # CPU
+
+Writes JSON (default benchmarks/results/train_throughput.json). Not a test: numbers depend on
+the machine; compare ratios, not absolute values, across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from s4l.training.config import OptimConfig
+from s4l.training.distributed import DistEnv
+from s4l.training.model import ModelSpec, build_model
+from s4l.training.objectives import ObjectiveConfig, build_objective
+from s4l.training.trainer import _autocast, _train_step, build_optimizer
+
+log = logging.getLogger("train_throughput")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _synthetic_batches(obj, batch: int, size: int, n: int):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        b = {}
+        if obj.uses_labelled:
+            b["labelled"] = torch.rand(batch, obj.copies, 3, size, size, generator=g) * 2 - 1
+            b["labels"] = torch.randint(0, 10, (batch,), generator=g)
+        if obj.uses_unlabelled:
+            b["unlabelled"] = torch.rand(batch, obj.copies, 3, size, size, generator=g) * 2 - 1
+        out.append(b)
+    return out
+
+
+def _forwarded(obj, batch: int) -> int:
+    rot = 4 if obj.name in ("s4l-rotation", "rotation", "moam") else 1
+    streams = int(obj.uses_labelled) + int(obj.uses_unlabelled)
+    return batch * streams * obj.copies * rot
+
+
+def measure(name: str, *, width: float, size: int, batch: int, steps: int, warmup: int,
+            precision: str, dev: torch.device, channels_last: bool, batches=None) -> dict:
+    """Time `steps` optimiser steps (after `warmup`) on synthetic data or the given iterator."""
+    obj = build_objective(name, ObjectiveConfig(), 10)
+    stem = "small" if size <= 32 else "imagenet"  # as the presets: CIFAR 32 px small stem
+    model = build_model(ModelSpec(width=width, stem=stem, heads=obj.heads())).to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, OptimConfig(lr=0.01))
+    env = DistEnv(device=dev)
+    ac = _autocast(precision, dev)
+    data = batches if batches is not None else iter(_synthetic_batches(obj, batch, size, 4) * 10_000)
+    model.train()
+    for _ in range(warmup):
+        _train_step(model, obj, opt, [next(data)], dev, ac, None, env)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        m = _train_step(model, obj, opt, [next(data)], dev, ac, None, env)
+    m["loss"].item()
+    _sync(dev)
+    dt = (time.perf_counter() - t0) / steps
+    fwd = _forwarded(obj, batch)
+    return {"objective": name, "precision": precision, "batch": batch,
+            "seconds_per_step": dt, "source_images_per_s": batch / dt,
+            "forwarded_images_per_s": fwd / dt, "forwarded_per_step": fwd,
+            "loss": float(m["loss"])}
+
+
+def _jpeg_batches(obj, batch: int, size: int, workers: int):
+    """Supervised-shaped batches from Imagenette JPEGs through the training loaders."""
+    from s4l.datasets import open_source
+    from s4l.training.data import make_train_loaders
+
+    root = SHARED / "imagenette-224.tar.gz"
+    cache = Path.home() / ".cache" / "s4l-test-data" / "imagenette-224"
+    if not cache.exists():
+        if not root.exists():
+            return None
+        import tarfile
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(root) as tf:
+            tf.extractall(cache.parent, filter="data")
+    src = open_source(str(cache), "train")
+    idx = list(range(len(src)))
+    data = make_train_loaders(src, idx, idx, batch_size=batch,
+                              unsup_batch_size=batch if obj.uses_unlabelled else 0,
+                              image_size=size, copies=obj.copies, workers=workers)
+
+    def gen():
+        for (x_l, y_l), unl in data:
+            b = {"labelled": x_l, "labels": y_l}
+            if unl is not None:
+                b["unlabelled"] = unl[0]
+            yield b
+    return gen()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32, help="labelled (and unlabelled) batch")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-jpeg", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dev = torch.device(a.device)
+    kw = dict(width=a.width, size=a.size, batch=a.batch, steps=a.steps, warmup=a.warmup,
+              dev=dev, channels_last=a.channels_last)
+    runs = {}
+    for name in ("supervised", "s4l-rotation"):
+        for prec in ("fp32", "bf16"):
+            r = measure(name, precision=prec, **kw)
+            runs[f"{name}/{prec}/synthetic"] = r
+            log.info("%-13s %-4s synthetic: %8.1f source img/s, %8.1f forwarded img/s",
+                     name, prec, r["source_images_per_s"], r["forwarded_images_per_s"])
+    jpeg = None
+    if not a.no_jpeg:
+        obj = build_objective("supervised", ObjectiveConfig(), 10)
+        it = _jpeg_batches(obj, a.batch, a.size, a.workers)
+        if it is None:
+            log.info("imagenette-224.tar.gz not found under %s: JPEG run skipped", SHARED)
+        else:
+            jpeg = measure("supervised", precision="fp32", batches=it, **kw)
+            runs["supervised/fp32/jpeg"] = jpeg
+            log.info("supervised    fp32 jpeg:      %8.1f source img/s (%d workers)",
+                     jpeg["source_images_per_s"], a.workers)
+    sup, rot = runs["supervised/fp32/synthetic"], runs["s4l-rotation/fp32/synthetic"]
+    ratios = {
+        "s4l_rotation_vs_supervised_seconds_per_source_image":
+            sup["source_images_per_s"] / rot["source_images_per_s"],
+        "s4l_rotation_vs_supervised_seconds_per_forwarded_image":
+            sup["forwarded_images_per_s"] / rot["forwarded_images_per_s"],
+        "bf16_vs_fp32_speedup_supervised":
+            runs["supervised/bf16/synthetic"]["source_images_per_s"] / sup["source_images_per_s"],
+        "bf16_vs_fp32_speedup_s4l_rotation":
+            runs["s4l-rotation/bf16/synthetic"]["source_images_per_s"] / rot["source_images_per_s"],
+    }
+    if jpeg is not None:
+        ratios["jpeg_vs_synthetic_throughput_supervised"] = \
+            jpeg["source_images_per_s"] / sup["source_images_per_s"]
+    for k, v in ratios.items():
+        log.info("%-55s %.3f", k, v)
+    result = {
+        "benchmark": "train_throughput",
+        "settings": {**{k: v for k, v in vars(a).items() if k != "out"}},
+        "machine": {"device": str(dev), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                    "torch_threads": torch.get_num_threads()},
+        "runs": runs,
+        "ratios": ratios,
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
