@@ -78,10 +78,13 @@ def _assert_same_parameters(a: dict, b: dict, initial: dict) -> None:
 # be compared tightly there. Ghost BN computes exactly the same shards in both layouts (S4L-
 # Rotation, 2 steps); synchronised BN sums its statistics in another order than one process's
 # BatchNorm, so it is checked on the well-conditioned supervised loss, first step.
+# ghost-bn-2x: 4 shards, 2 per process, so DDP accumulates over shards under no_sync; the
+# gradient sums are then added in another order than in one process (first step only).
 @pytest.mark.parametrize(("sets", "steps", "preset"), [
     (["bn.ghost_batch=4"], 2, "s4l-rotation-10pct-smoke"),
+    (["bn.ghost_batch=2"], 1, "supervised-10pct-smoke"),
     (["bn.ghost_batch=null", "bn.sync=true"], 1, "supervised-10pct-smoke"),
-], ids=["ghost-bn", "sync-bn"])
+], ids=["ghost-bn", "ghost-bn-2x", "sync-bn"])
 def test_one_and_two_processes_take_the_same_step(tmp_path, sets, steps, preset):
     one = _run(tmp_path / "one", 1, sets, steps, preset)
     two = _run(tmp_path / "two", 2, sets, steps, preset)
