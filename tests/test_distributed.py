@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from s4l.training.checkpoint import read_checkpoint
 
 

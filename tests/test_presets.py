@@ -6,10 +6,10 @@ import dataclasses
 import json
 
 import pytest
-from s4l.training import config as C
-from s4l.training.presets import PRESETS, ROWS, SCALES, format_table, get_preset
 
 from s4l.errors import UserError
+from s4l.training import config as C
+from s4l.training.presets import PRESETS, ROWS, SCALES, format_table, get_preset
 
 # S4L_REFERENCE.md section 3 table: (batch, unsup mult, width, lr, wd, warmup, decays, total).
 RELEASE = {

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from s4l.errors import UserError
 from s4l.training import config as C
 from s4l.training.checkpoint import read_checkpoint
 from s4l.training.presets import get_preset
 from s4l.training.trainer import read_metrics, train
-
-from s4l.errors import UserError
 
 # MOAM step 1 exercises every piece of state: rotation + VAT (draws from torch's RNG) + EntMin,
 # EMA, momentum buffers, two data streams crossing an epoch boundary (15 steps/epoch).

@@ -7,6 +7,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
+from s4l.errors import UserError
 from s4l.training import config as C
 from s4l.training.checkpoint import read_checkpoint
 from s4l.training.ema import EMA, ema_decay
@@ -21,9 +24,6 @@ from s4l.training.trainer import (
     read_metrics,
     train,
 )
-from torch import nn
-
-from s4l.errors import UserError
 
 
 def _cfg(preset: str = "supervised-10pct-smoke", **sets) -> C.TrainConfig:
@@ -142,6 +142,9 @@ def test_bad_inputs_are_clear_errors(tmp_path):
               progress=False)
     with pytest.raises(UserError, match="does not exist"):
         train(_cfg(**{"data.root": str(tmp_path / "nope")}), tmp_path / "c", progress=False)
+    # Nothing was claimed: the corrected command runs in the same workdir.
+    assert not (tmp_path / "c" / "config.json").exists()
+    assert train(_cfg(**{"optim.total_steps": 1}), tmp_path / "c", progress=False)["step"] == 1
 
 
 def test_image_folder_data_and_label_file(tmp_path):

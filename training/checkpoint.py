@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from s4l.training.model import ModelSpec, S4LModel, build_model
 
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec
+from s4l.training.model import ModelSpec, S4LModel, build_model
 
 FORMAT = "s4l-checkpoint"
 FORMAT_VERSION = 1

@@ -19,9 +19,8 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from s4l.training.objectives.base import ObjectiveConfig
-
 from s4l.errors import UserError
+from s4l.training.objectives.base import ObjectiveConfig
 
 PRECISIONS = ("fp32", "bf16")
 

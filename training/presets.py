@@ -23,6 +23,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 
+from s4l.errors import UserError
 from s4l.training.config import (
     BNConfig,
     CheckpointConfig,
@@ -34,8 +35,6 @@ from s4l.training.config import (
     OptimConfig,
     TrainConfig,
 )
-
-from s4l.errors import UserError
 
 SCALES = ("imagenet", "cifar10", "imagenette")
 

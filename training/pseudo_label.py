@@ -179,9 +179,8 @@ def pseudo_label(checkpoint: str | os.PathLike, data_root: str, out: str | os.Pa
     otherwise the teacher's own labelled subset, recomputed from its stored config (same data
     root, label spec and seed). Returns the summary (counts, agreement with ground truth).
     """
-    from s4l.training.checkpoint import file_sha256, load_for_inference, provenance
-
     from s4l.datasets import open_source, read_label_map, select_labelled, training_subsets
+    from s4l.training.checkpoint import file_sha256, load_for_inference, provenance
 
     out = Path(out)
     if out.exists() and out.is_dir():

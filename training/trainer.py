@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from s4l.errors import UserError
+from s4l.imaging import PreprocessSpec
 from s4l.training import checkpoint as ckpt_io
 from s4l.training import config as C
 from s4l.training import distributed as D
@@ -40,10 +44,6 @@ from s4l.training.ema import EMA, ema_decay
 from s4l.training.model import ModelSpec, S4LModel, build_model
 from s4l.training.objectives import Objective, build_objective, predict_logits, unwrap_model
 from s4l.training.schedule import StepSchedule, set_lr
-from torch import nn
-
-from s4l.errors import UserError
-from s4l.imaging import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,8 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
     saver = _Saver(workdir, cfg, spec, class_names, preprocess, env, init_info)
 
     # ---------------------------------------------------------------- loop
+    if env.is_main:
+        C.save_json(cfg, workdir / CONFIG_FILE)  # setup succeeded: this workdir is this run's
     stream = data.stream(objective, plan, env)
     if resume_path is not None:
         stream.load_state_dict(state["data_state"])
@@ -562,23 +564,33 @@ def _init_from_checkpoint(model: S4LModel, init: C.InitConfig) -> dict[str, Any]
 
 
 def _claim_workdir(cfg: C.TrainConfig, workdir: Path) -> None:
-    """Write config.json, or refuse a workdir that holds another config's run."""
+    """Refuse a workdir that holds another config's run (checked before any work).
+
+    A workdir whose run never wrote a checkpoint holds nothing to lose: its config.json (e.g.
+    from a command that failed on a wrong --data) is replaced, with a warning.
+    """
     path = workdir / CONFIG_FILE
-    if path.exists():
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path} is unreadable ({e}); use another --workdir") from e
-        differing = C.diff(old, cfg)
-        if differing:
-            lines = "\n".join(f"  {k}: workdir has {a!r}, this run has {b!r}"
-                              for k, (a, b) in differing.items())
-            raise UserError(
-                f"the workdir {workdir} holds a run with a different configuration; refusing "
-                f"to mix them. Differing keys:\n{lines}\nUse another --workdir, or repeat the "
-                "original command to continue that run.")
-    C.save_json(cfg, path)
+    if not path.exists():
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is unreadable ({e}); use another --workdir") from e
+    differing = C.diff(old, cfg)
+    if not differing:
+        return
+    lines = "\n".join(f"  {k}: workdir has {a!r}, this run has {b!r}"
+                      for k, (a, b) in differing.items())
+    if ckpt_io.find_resume(workdir) is None:
+        log.warning("%s holds the config of a run that never checkpointed; replacing it. "
+                    "Differing keys:\n%s", workdir, lines)
+        (workdir / METRICS_FILE).unlink(missing_ok=True)
+        return
+    raise UserError(
+        f"the workdir {workdir} holds a run with a different configuration; refusing "
+        f"to mix them. Differing keys:\n{lines}\nUse another --workdir, or repeat the "
+        "original command to continue that run.")
 
 
 def _seed_everything(seed: int) -> None:
