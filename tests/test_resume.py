@@ -24,7 +24,7 @@ from s4l.training.trainer import read_metrics, train
 # MOAM step 1 exercises every piece of state: rotation + VAT (draws from torch's RNG) + EntMin,
 # EMA, momentum buffers, two data streams crossing an epoch boundary (15 steps/epoch).
 ARGS = ["--preset", "moam-step1-smoke", "--data", "builtin:digits", "--no-progress",
-        "--set", "optim.total_steps=24", "--set", "checkpoint.every_steps=4",
+        "--set", "optim.total_steps=30", "--set", "checkpoint.every_steps=4",
         "--set", "data.workers=1", "--set", "log_every_steps=2"]
 
 
@@ -41,27 +41,43 @@ def _states(workdir: Path) -> dict:
     return ck
 
 
+def _records(workdir: Path) -> list[dict]:
+    out = []
+    try:
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written
+    return out
+
+
 def test_sigkill_then_same_command_gives_identical_weights(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_cmd(ref), env=_env(), check=True, capture_output=True, timeout=300)
 
     proc = subprocess.Popen(_cmd(killed), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists():
-        assert proc.poll() is None, "run ended before writing a checkpoint"
+    # Kill at a random step after the first checkpoint (step 4): watch metrics.jsonl (a record
+    # every 2 steps) for the chosen step, leaving 10+ steps of margin before the run ends.
+    target = random.randrange(6, 21, 2)
+    deadline = time.time() + 180
+    while not any(r.get("step", 0) >= target for r in _records(killed)):
+        assert proc.poll() is None, "run ended before the chosen kill step"
         assert time.time() < deadline
-        time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 0.8))  # a random step after the first checkpoint
+        time.sleep(0.01)
     assert proc.poll() is None, "run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     killed_at = read_checkpoint(killed / "checkpoint.pt")["step"]
-    assert 4 <= killed_at < 24
+    assert 4 <= killed_at < 30
 
     subprocess.run(_cmd(killed), env=_env(), check=True, capture_output=True, timeout=300)
     a, b = _states(ref), _states(killed)
-    assert a["step"] == b["step"] == 24
+    assert a["step"] == b["step"] == 30
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:

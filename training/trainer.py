@@ -211,6 +211,7 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
     preprocess = PreprocessSpec(resize=cfg.data.eval_resize, crop=cfg.data.image_size,
                                 interpolation="area")
     saver = _Saver(workdir, cfg, spec, class_names, preprocess, env, init_info)
+    saver.last_saved = step if resume_path is not None else None
 
     # ---------------------------------------------------------------- loop
     if env.is_main:
@@ -615,11 +616,7 @@ class _Saver:
         self.path = workdir / ckpt_io.RESUME_NAME
         self.cfg, self.spec, self.class_names = cfg, spec, class_names
         self.preprocess, self.env, self.init_info = preprocess, env, init_info
-        self.last_saved: int | None = None
-        if self.path.exists():
-            with contextlib.suppress(Exception):
-                self.last_saved = int(torch.load(self.path, map_location="cpu",
-                                                 weights_only=False)["step"])
+        self.last_saved: int | None = None  # the step of the checkpoint on disk, if any
 
     def saved_at(self, step: int) -> bool:
         return self.last_saved == step
