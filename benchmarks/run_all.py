@@ -74,7 +74,8 @@ KNOWN: dict[str, Known] = {
         reference="the raw onnxruntime session on the same crops, in alternating windows "
                   "(targets: >= 0.85x raw throughput at concurrency >= 8, p99 <= 1.3x raw p50 at 1)"),
 }
-RATIO_KEY = re.compile(r"ratio|_over_|speedup", re.I)
+# Field names that hold a ratio ("iterations" and "duration" contain "ratio" but are not one).
+RATIO_KEY = re.compile(r"(?:^|_)ratios?(?:_|$)|_over_|_vs_|speedup", re.I)
 
 
 # ============================================================================ discovery, flags
@@ -149,8 +150,8 @@ def run_one(script: Path, quick: bool, out_dir: Path, env: dict[str, str]) -> di
     else:
         args = ["--quick"] if quick else []
     out = out_dir / f"{name}.json"
-    if "--out" in flags:
-        args += ["--out", str(out)]
+    if "--out" in flags:  # relative to the repository root (the subprocess's cwd) when inside it
+        args += ["--out", os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else str(out)]
     cmd = [sys.executable, str(script.relative_to(ROOT)), *args]
     rec["command"] = " ".join(shlex.quote(c) for c in [".venv/bin/python", *cmd[1:]])
     timeout = (known.timeout_quick_s if quick else known.timeout_full_s) if known else \
@@ -183,14 +184,17 @@ def run_one(script: Path, quick: bool, out_dir: Path, env: dict[str, str]) -> di
     return rec
 
 
-def ratios(report: Any, path: str = "") -> list[dict[str, Any]]:
-    """Every ratio-like numeric field (or null, for "target not reached") with its JSON path."""
+def ratios(report: Any, path: str = "", in_ratios: bool = False) -> list[dict[str, Any]]:
+    """Every ratio-like numeric field (or null, for "target not reached") with its JSON path:
+    a field whose name says so, or any number inside a dict called "ratios"."""
     out: list[dict[str, Any]] = []
     if isinstance(report, dict):
         for k, v in report.items():
             p = f"{path}.{k}" if path else str(k)
-            if RATIO_KEY.search(str(k)) and (v is None or isinstance(v, (int, float))) \
-                    and not isinstance(v, bool):
+            if isinstance(v, dict):
+                out.extend(ratios(v, p, in_ratios=str(k).lower() == "ratios"))
+            elif (in_ratios or RATIO_KEY.search(str(k))) and not isinstance(v, bool) \
+                    and (v is None or isinstance(v, (int, float))):
                 out.append({"metric": p, "value": v})
             else:
                 out.extend(ratios(v, p))
@@ -316,8 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"),
                     help="the markdown summary to write (default docs/benchmarks.md)")
     ap.add_argument("--list", action="store_true", help="list the benchmarks and their commands")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite the markdown from the results folder's summary.json, run nothing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.render_only:
+        mode = "quick" if args.quick else "full"
+        path = Path(args.results_dir or HERE / "results" / f"run_all-{mode}") / "summary.json"
+        summary = json.loads(path.read_text())
+        for b in summary["benchmarks"]:
+            b["ratios"] = ratios(b.get("report"))
+        path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        Path(args.doc).write_text(render(summary))
+        log.info("re-rendered %s from %s", args.doc, path)
+        return 0
     scripts = discover([s.strip() for s in args.only.split(",")] if args.only else None)
     if args.list:
         for s in scripts:

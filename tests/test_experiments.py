@@ -203,12 +203,14 @@ def test_benchmark_runner_flags_and_ratios():
     assert kept == ["--n", "64", "--int8", "--rounds", "1"] and dropped == ["--gone"]
     report = {"served_fp32": [{"concurrency": 1, "ratio_vs_raw": 0.8, "p99_over_raw_single_p50": 1.6},
                               {"concurrency": 8, "ratio_vs_raw": 0.9}],
-              "results": {"sklearn_lbfgs": {"ratio": 1.0, "seconds": 3.0},
+              "results": {"sklearn_lbfgs": {"ratio": 1.0, "seconds": 3.0, "iterations": 46},
                           "sgd": {"ratio": None, "reached": False}},
+              "duration_s_per_level": 4.0, "ratios": {"bf16_speedup": 0.9, "jpeg_vs_synth": 0.6},
               "targets": {"ratio_ok": True}}
     got = {r["metric"]: r["value"] for r in run_all.ratios(report)}
     assert got == {"served_fp32[c=1].ratio_vs_raw": 0.8,
                    "served_fp32[c=1].p99_over_raw_single_p50": 1.6,
                    "served_fp32[c=8].ratio_vs_raw": 0.9,
-                   "results.sklearn_lbfgs.ratio": 1.0, "results.sgd.ratio": None}
+                   "results.sklearn_lbfgs.ratio": 1.0, "results.sgd.ratio": None,
+                   "ratios.bf16_speedup": 0.9, "ratios.jpeg_vs_synth": 0.6}
     assert {p.stem for p in run_all.discover(None)} >= {"extract", "probe", "serve"}
