@@ -92,12 +92,12 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import torch
+
     from s4l.evaluation.encoders import open_encoder
     from s4l.evaluation.extract import ExtractConfig, default_workers, extract
+    from s4l.imaging import PreprocessSpec, decode_image, eval_crop
     from s4l.training.checkpoint import save_checkpoint
     from s4l.training.model import ModelSpec, build_model
-
-    from s4l.imaging import PreprocessSpec, decode_image, eval_crop
 
     root = imagenette_root()
     work = Path(tempfile.mkdtemp(prefix="s4l-bench-extract-"))

@@ -52,6 +52,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
+
     from s4l.evaluation import features as F
     from s4l.evaluation.probe import (
         ArrayRows,

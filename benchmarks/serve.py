@@ -47,11 +47,11 @@ def imagenette(cache: Path) -> Path:
 def build_model(workdir: Path, calib_root: Path | None, n_calib: int, n_heldout: int,
                 reuse: bool) -> tuple[Path, dict]:
     import torch
+
+    from s4l.imaging import PreprocessSpec
     from s4l.service.export import export_onnx
     from s4l.training.checkpoint import config_hash, save_checkpoint
     from s4l.training.model import ModelSpec, build_model
-
-    from s4l.imaging import PreprocessSpec
 
     torch.manual_seed(0)
     spec = ModelSpec(width=1.0, stem="imagenet", heads={"classes": 10})
@@ -219,10 +219,10 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    from s4l.service.backend import available_cpus
     from test_server_support import ServerProcess
 
     from s4l.imaging import PreprocessSpec, decode_image, eval_crop
+    from s4l.service.backend import available_cpus
 
     cache = Path(os.environ.get("S4L_TEST_CACHE", Path.home() / ".cache" / "s4l-test-data"))
     data = imagenette(cache)

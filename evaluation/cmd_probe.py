@@ -37,9 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def build_settings(args: argparse.Namespace):
-    from s4l.evaluation.probe import ProbeSettings, SGDSettings, parse_schedules
-
     from s4l.errors import UserError
+    from s4l.evaluation.probe import ProbeSettings, SGDSettings, parse_schedules
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")

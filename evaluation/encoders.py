@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from s4l.evaluation.features import file_sha256
 
 from s4l.errors import UserError
+from s4l.evaluation.features import file_sha256
 from s4l.imaging import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class CheckpointEncoder(Encoder):
 
     def __init__(self, path: str | os.PathLike, device: str | None = None, use_ema: bool | None = None):
         import torch
+
         from s4l.training.checkpoint import load_for_inference
 
         self.path = Path(path)
@@ -75,6 +76,7 @@ class CheckpointEncoder(Encoder):
 
     def __call__(self, images: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
+
         from s4l.training.transforms import to_model_input
 
         with torch.inference_mode():

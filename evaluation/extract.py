@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from s4l.evaluation.features import SCHEMA_VERSION, Rows, merge_shards, write_rows
 
 from s4l import __version__
 from s4l.errors import UserError
+from s4l.evaluation.features import SCHEMA_VERSION, Rows, merge_shards, write_rows
 from s4l.imaging import ImageError, PreprocessSpec, eval_crop
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from s4l.evaluation.features import FeatureFile, check_pair, file_sha256
-from s4l.evaluation.probe import FileRows, ProbeSettings, fit_probe
 
 from s4l import __version__
 from s4l.errors import UserError
+from s4l.evaluation.features import FeatureFile, check_pair, file_sha256
+from s4l.evaluation.probe import FileRows, ProbeSettings, fit_probe
 
 log = logging.getLogger(__name__)
 

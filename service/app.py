@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 import numpy as np
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
+
+import s4l
 from s4l.service import (
     routes_classify,
     routes_embed,
@@ -25,8 +27,6 @@ from s4l.service.limits import BodyLimitMiddleware, BodyTooLarge
 from s4l.service.pipeline import ServiceState
 from s4l.service.settings import Settings
 from s4l.service.telemetry import Metrics, MetricsMiddleware
-
-import s4l
 
 log = logging.getLogger(__name__)
 

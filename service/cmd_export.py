@@ -32,9 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from s4l.service.export import export_onnx
-
     from s4l.errors import UserError
+    from s4l.service.export import export_onnx
 
     if args.int8 and not args.calibration:
         raise UserError("--int8 needs --calibration DATA (images to calibrate activation ranges)")

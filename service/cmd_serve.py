@@ -25,11 +25,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
+
+    from s4l.errors import UserError
     from s4l.service.app import create_app, load_backend
     from s4l.service.backend import ModelLoadError
     from s4l.service.settings import Settings
-
-    from s4l.errors import UserError
 
     overrides = {k: v for k, v in {
         "model": args.model, "host": args.host, "port": args.port, "provider": args.provider,

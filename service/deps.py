@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
 from s4l.service.errors import ApiError
 from s4l.service.pipeline import ServiceState
 

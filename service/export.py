@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from s4l.training.checkpoint import config_hash, load_for_inference, read_checkpoint
 
 import s4l
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec
+from s4l.training.checkpoint import config_hash, load_for_inference, read_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,11 @@ import json
 from dataclasses import dataclass
 
 from fastapi import Request
-from s4l.service.errors import ApiError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from s4l.service.errors import ApiError
 
 MULTIPART = "multipart/form-data"
 JSON = "application/json"

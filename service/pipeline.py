@@ -8,14 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from s4l.imaging import ImageError, decode_image, eval_crop
 from s4l.service.backend import EMBEDDING, LOGITS, Backend
 from s4l.service.batching import MicroBatcher, QueueFull
 from s4l.service.errors import ApiError
 from s4l.service.inputs import RawImage
 from s4l.service.settings import Settings
 from s4l.service.telemetry import Metrics
-
-from s4l.imaging import ImageError, decode_image, eval_crop
 
 log = logging.getLogger(__name__)
 

@@ -53,6 +53,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, heldout: n
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
     from s4l.service.export import set_metadata
 
     out_path = Path(out_path)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+
 from s4l.service.deps import ApiKey, State
 from s4l.service.errors import error_responses
 from s4l.service.inputs import REQUEST_BODY, read_images

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+
 from s4l.service.deps import State
 from s4l.service.models import Health, Ready
 

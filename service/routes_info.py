@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+
+import s4l
 from s4l.service.backend import describe
 from s4l.service.deps import ApiKey, State
 from s4l.service.errors import error_responses
-
-import s4l
 
 router = APIRouter(tags=["info"], dependencies=[ApiKey])
 

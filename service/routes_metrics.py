@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from s4l.service.deps import ApiKey, State
 from s4l.service.errors import error_responses
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder
-from s4l.training import data as D
-from s4l.training.transforms import TrainTransform, to_model_input
 
 from s4l.datasets import open_source, training_subsets
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec, eval_crop
+from s4l.training import data as D
+from s4l.training.transforms import TrainTransform, to_model_input
 
 
 @pytest.fixture

@@ -10,14 +10,14 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import make_image_folder
-from s4l.service import export as export_mod
-from s4l.service.export import FP32_TOLERANCE, export_onnx
-from s4l.training.checkpoint import load_for_inference
 from test_server_support import CLASSES, jpeg_bytes, make_checkpoint
 
 from s4l.cli import main as s4l_main
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec, decode_image, eval_crop
+from s4l.service import export as export_mod
+from s4l.service.export import FP32_TOLERANCE, export_onnx
+from s4l.training.checkpoint import load_for_inference
 
 
 @pytest.fixture(scope="module")

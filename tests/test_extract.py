@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder
-from s4l.evaluation import features as F
-from s4l.evaluation.extract import ExtractConfig, extract, parts_dir
-from s4l.training.checkpoint import load_for_inference, save_checkpoint
-from s4l.training.model import ModelSpec, build_model
 
 from s4l.cli import main as cli_main
 from s4l.errors import UserError
+from s4l.evaluation import features as F
+from s4l.evaluation.extract import ExtractConfig, extract, parts_dir
 from s4l.imaging import PreprocessSpec, decode_image, eval_crop
+from s4l.training.checkpoint import load_for_inference, save_checkpoint
+from s4l.training.model import ModelSpec, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = PreprocessSpec(resize=36, crop=32)

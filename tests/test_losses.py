@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from s4l.training.objectives.losses import (
     accuracy,
     batch_hard_triplet,

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+
 from s4l.training.model import FEATURE_LAYERS, ModelSpec, build_model, count_parameters
 
 

@@ -8,6 +8,8 @@ import dataclasses
 
 import pytest
 import torch
+
+from s4l.errors import UserError
 from s4l.training.model import ModelSpec, build_model
 from s4l.training.objectives import (
     OBJECTIVES,
@@ -29,8 +31,6 @@ from s4l.training.objectives.vat import (
     normalize_per_example,
     virtual_adversarial_direction,
 )
-
-from s4l.errors import UserError
 
 NUM_CLASSES = 5
 SIZE = 32

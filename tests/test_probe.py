@@ -7,6 +7,9 @@ import json
 import h5py
 import numpy as np
 import pytest
+
+from s4l.cli import main as cli_main
+from s4l.errors import UserError
 from s4l.evaluation import features as F
 from s4l.evaluation.probe import (
     ArrayRows,
@@ -18,9 +21,6 @@ from s4l.evaluation.probe import (
     parse_schedules,
     topk_accuracy,
 )
-
-from s4l.cli import main as cli_main
-from s4l.errors import UserError
 
 
 def blobs(n, dim=24, classes=6, seed=0, noise=2.2, means_seed=123):

@@ -12,12 +12,12 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from s4l.service.app import create_app
-from s4l.service.backend import DummyBackend, ModelLoadError, OnnxBackend, choose_providers
-from s4l.service.settings import Settings
 from test_server_support import ROOT, jpeg_bytes
 
 from s4l.imaging import decode_image, eval_crop
+from s4l.service.app import create_app
+from s4l.service.backend import DummyBackend, ModelLoadError, OnnxBackend, choose_providers
+from s4l.service.settings import Settings
 
 
 def run(coro):

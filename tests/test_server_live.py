@@ -78,6 +78,7 @@ def assert_healthy(server, reference):
 
 def test_embedding_equals_torch_eval_path(server, model, tmp_path):
     import torch
+
     from s4l.training.checkpoint import load_for_inference
     from s4l.training.transforms import EvalTransform
 
@@ -108,6 +109,7 @@ def test_embedding_parity_on_imagenette_photos(server, model, imagenette_root, r
 
 def test_classify_labels_and_scores(server, model):
     import torch
+
     from s4l.training.checkpoint import load_for_inference
     from s4l.training.transforms import EvalTransform
 

@@ -25,10 +25,10 @@ def make_checkpoint(path: Path, *, classes=CLASSES, crop: int = 32, seed: int = 
                     with_ema: bool = False) -> Path:
     """A tiny real checkpoint (width 0.0625, small stem) in the contract format."""
     import torch
-    from s4l.training.checkpoint import config_hash, save_checkpoint
-    from s4l.training.model import ModelSpec, build_model
 
     from s4l.imaging import PreprocessSpec
+    from s4l.training.checkpoint import config_hash, save_checkpoint
+    from s4l.training.model import ModelSpec, build_model
 
     torch.manual_seed(seed)
     heads = {"classes": len(classes)} if classes else {}

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from s4l.training import transforms as T
 
 from s4l.imaging import PreprocessSpec, eval_crop
+from s4l.training import transforms as T
 
 # --------------------------------------------------------------------------------------------
 # Rotations

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from s4l.evaluation.val_study import balanced_draw, model_names, study
 
 from s4l.errors import UserError
+from s4l.evaluation.val_study import balanced_draw, model_names, study
 
 
 def sweep(accs, n_per_class=50, classes=10, seed=0):
@@ -78,10 +78,10 @@ def test_command_end_to_end_on_real_checkpoints(tmp_path):
     import h5py
     import torch
     from conftest import make_image_folder
-    from s4l.training.model import ModelSpec, build_model
     from test_extract import make_checkpoint
 
     from s4l.cli import main as cli_main
+    from s4l.training.model import ModelSpec, build_model
 
     pool = make_image_folder(tmp_path / "pool", splits=("val",), classes=("a", "b", "c"),
                              per_class=8, size=36)

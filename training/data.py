@@ -71,11 +71,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from s4l.training.transforms import AREA_RANGE, EvalTransform, TrainTransform
 from torch.utils.data import DataLoader, Dataset
 
 from s4l.errors import UserError
 from s4l.imaging import ImageError, PreprocessSpec
+from s4l.training.transforms import AREA_RANGE, EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
 

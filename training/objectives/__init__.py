@@ -70,6 +70,7 @@ Notes for the trainer:
 
 from __future__ import annotations
 
+from s4l.errors import UserError
 from s4l.training.objectives.base import (
     Objective,
     ObjectiveConfig,
@@ -85,8 +86,6 @@ from s4l.training.objectives.pseudo_label import PseudoLabelObjective
 from s4l.training.objectives.rotation import RotationObjective, S4LRotationObjective
 from s4l.training.objectives.supervised import SupervisedObjective
 from s4l.training.objectives.vat import VATEntMinObjective, VATObjective
-
-from s4l.errors import UserError
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls

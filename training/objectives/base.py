@@ -12,15 +12,15 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
+
+from s4l.errors import UserError
 from s4l.training.objectives.losses import (
     HESSIAN_PRODUCTS,
     KL_DIRECTIONS,
     flatten_copies,
     rotate_copies,
 )
-from torch import nn
-
-from s4l.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

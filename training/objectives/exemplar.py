@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
+from torch import nn
+
 from s4l.training.objectives.base import Objective, ObjectiveOutput
 from s4l.training.objectives.losses import (
     accuracy,
@@ -26,7 +28,6 @@ from s4l.training.objectives.losses import (
     cross_entropy,
     exemplar_identities,
 )
-from torch import nn
 
 EXEMPLAR_COPIES = 8
 

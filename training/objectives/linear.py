@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
+from torch import nn
+
 from s4l.training.objectives.base import ObjectiveOutput, unwrap_model
 from s4l.training.objectives.supervised import SupervisedObjective
-from torch import nn
 
 
 class LinearObjective(SupervisedObjective):

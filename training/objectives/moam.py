@@ -25,11 +25,12 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
+from torch import nn
+
 from s4l.training.objectives.base import Objective, ObjectiveOutput
 from s4l.training.objectives.losses import NUM_ROTATIONS, entropy
 from s4l.training.objectives.rotation import RotationForward
 from s4l.training.objectives.vat import vat_loss
-from torch import nn
 
 
 class MOAMObjective(Objective):

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
+from torch import nn
+
 from s4l.training.objectives.base import Objective, ObjectiveOutput
 from s4l.training.objectives.losses import (
     NUM_ROTATIONS,
@@ -24,7 +26,6 @@ from s4l.training.objectives.losses import (
     cross_entropy,
     rotate_copies,
 )
-from torch import nn
 
 
 class RotationObjective(Objective):

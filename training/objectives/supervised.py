@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
+from torch import nn
+
 from s4l.training.objectives.base import Objective, ObjectiveOutput
 from s4l.training.objectives.losses import accuracy, cross_entropy
-from torch import nn
 
 
 class SupervisedObjective(Objective):

@@ -40,6 +40,8 @@ from typing import ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch import nn
+
 from s4l.training.objectives.base import Objective, ObjectiveOutput, unwrap_model
 from s4l.training.objectives.losses import (
     HESSIAN_PRODUCTS,
@@ -48,7 +50,6 @@ from s4l.training.objectives.losses import (
     entropy,
     vat_kl,
 )
-from torch import nn
 
 
 @contextlib.contextmanager
