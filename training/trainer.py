@@ -353,7 +353,12 @@ class _Data:
         return _ShardStream(data, objective, plan)
 
     def eval_loaders(self) -> dict[str, Any]:
-        """{"eval": the eval split, "heldout": the tiny validation split (if any)}."""
+        """{"eval": the eval split, "heldout": the tiny validation split (if any)}; built once."""
+        if getattr(self, "_eval_loaders", None) is None:
+            self._eval_loaders = self._make_eval_loaders()
+        return self._eval_loaders
+
+    def _make_eval_loaders(self) -> dict[str, Any]:
         from s4l.training.data import make_eval_loader
 
         d = self.cfg.data
@@ -491,6 +496,14 @@ def evaluate(model: nn.Module, objective: Objective, data, cfg: C.TrainConfig,
     rotation models, rotation-averaged: S4L_REFERENCE.md section 3 "Preprocessing")."""
     if "classes" not in unwrap_model(model).heads:
         return {}  # purely self-supervised: no class head to evaluate
+    # Eval loaders draw worker seeds from torch's RNG: keep that out of the training stream.
+    devices = [env.device] if env.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return _evaluate(model, objective, data, cfg, env)
+
+
+def _evaluate(model: nn.Module, objective: Objective, data, cfg: C.TrainConfig,
+              env: D.DistEnv) -> dict[str, float]:
     was_training = model.training
     model.eval()
     autocast = _autocast(cfg.precision, env.device)
