@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from s4l.errors import UserError
-from s4l.evaluation.features import file_sha256
 from s4l.imaging import PreprocessSpec
+from s4l.provenance import file_sha256
 
 log = logging.getLogger(__name__)
 

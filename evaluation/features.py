@@ -10,7 +10,6 @@ reader of a row range (the streaming probe) touches only the chunks it needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -42,14 +41,6 @@ def chunk_rows(dim: int, itemsize: int) -> int:
 
 def canonical_layer(name: str) -> str:
     return LAYER_ALIASES.get(name, name)
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

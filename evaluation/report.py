@@ -20,8 +20,9 @@ import numpy as np
 
 from s4l import __version__
 from s4l.errors import UserError
-from s4l.evaluation.features import FeatureFile, check_pair, file_sha256
+from s4l.evaluation.features import FeatureFile, check_pair
 from s4l.evaluation.probe import FileRows, ProbeSettings, fit_probe
+from s4l.provenance import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -190,7 +190,8 @@ def run_val_study(models: Sequence[str], data: str, split: str, out_dir: str | o
                   progress: bool = True) -> dict:
     """Score every model on the pool (logits via extraction, reused when done) and run the study."""
     from s4l.evaluation.extract import ExtractConfig, extract
-    from s4l.evaluation.features import FeatureFile, file_sha256
+    from s4l.evaluation.features import FeatureFile
+    from s4l.provenance import file_sha256
 
     if len(models) < 2:
         raise UserError(f"the study compares models: give at least 2 (got {len(models)})")

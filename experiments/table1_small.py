@@ -42,23 +42,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
 import platform
 import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from s4l.provenance import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -157,23 +156,14 @@ def cifar10_root(given: str | None) -> str:
     (the same place tests/conftest.py unpacks it)."""
     if given:
         return given
-    dest, done = CACHE / "cifar10", CACHE / ".cifar10.done"
-    if done.exists():
-        return str(dest)
+    from s4l.provenance import unpack_once
+
     archive = SHARED / "cifar10-jpg.tar.gz"
-    if not archive.exists():
-        sys.exit(f"{archive} is absent; pass the unpacked CIFAR-10 root with --data")
-    log.info("unpacking %s into %s", archive, CACHE)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = CACHE / f".cifar10.partial-{os.getpid()}"
-    with tarfile.open(archive) as tf:
-        tf.extractall(tmp, filter="data")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp / "cifar10", dest)
-    tmp.rmdir()
-    done.touch()
-    return str(dest)
+    if not (CACHE / ".cifar10.done").exists():
+        if not archive.exists():
+            sys.exit(f"{archive} is absent; pass the unpacked CIFAR-10 root with --data")
+        log.info("unpacking %s into %s", archive, CACHE)
+    return str(unpack_once(archive, "cifar10", CACHE))
 
 
 def label_file_path(work: Path, tag: str, seed: int) -> Path:
@@ -468,10 +458,6 @@ def git_info() -> dict[str, Any]:
     sha = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     return {"commit": sha or None, "dirty": dirty if sha else None}
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ============================================================================ results

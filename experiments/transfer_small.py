@@ -33,7 +33,6 @@ import os
 import shlex
 import shutil
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -49,22 +48,12 @@ def unpack(name: str, top: str, given: str | None) -> Path:
     """A data set root: the one given, or ../shared/data's tarball unpacked into the cache."""
     if given:
         return Path(given)
-    dest, done = CACHE / top, CACHE / f".{top}.done"
-    if done.exists():
-        return dest
+    from s4l.provenance import unpack_once
+
     archive = SHARED / name
-    if not archive.exists():
+    if not (CACHE / f".{top}.done").exists() and not archive.exists():
         sys.exit(f"{archive} is absent; pass the unpacked root with --{top.split('-')[0]}")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = CACHE / f".{top}.partial-{os.getpid()}"
-    with tarfile.open(archive) as tf:
-        tf.extractall(tmp, filter="data")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp / top, dest)
-    tmp.rmdir()
-    done.touch()
-    return dest
+    return unpack_once(archive, top, CACHE)
 
 
 def subset_list(root: Path, split: str, per_class: int, out: Path) -> str:

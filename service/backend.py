@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -16,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from s4l.imaging import PreprocessSpec
+from s4l.provenance import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,6 @@ def _cgroup_cpu_quota() -> float | None:
     except (OSError, ValueError):
         return None
     return None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parse_metadata(meta: dict[str, str], *, source: str) -> tuple[PreprocessSpec, list[str] | None, int]:

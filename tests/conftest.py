@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from s4l.provenance import unpack_once
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -20,21 +21,7 @@ def _unpack(name: str, top: str) -> Path:
     archive = SHARED_DATA / name
     if not archive.exists():
         pytest.skip(f"{archive} is absent (../shared/data not beside the checkout)")
-    dest = CACHE / top
-    done = CACHE / f".{top}.done"
-    if not done.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = CACHE / f".{top}.partial-{os.getpid()}"
-        with tarfile.open(archive) as tf:
-            tf.extractall(tmp, filter="data")
-        if dest.exists():
-            import shutil
-
-            shutil.rmtree(dest)
-        os.replace(tmp / top, dest)
-        tmp.rmdir()
-        done.touch()
-    return dest
+    return unpack_once(archive, top, CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from s4l.errors import UserError
 from s4l.evaluation import features as F
 from s4l.evaluation.extract import ExtractConfig, extract, parts_dir
 from s4l.imaging import PreprocessSpec, decode_image, eval_crop
+from s4l.provenance import file_sha256
 from s4l.training.checkpoint import load_for_inference, save_checkpoint
 from s4l.training.model import ModelSpec, build_model
 
@@ -288,14 +289,14 @@ def test_places205_list_of_real_photos(tmp_path, imagenette_root):
 def test_bad_input_is_refused_and_nothing_is_lost(tmp_path, ckpt, folder):
     out = tmp_path / "keep.h5"
     assert run_cli("--model", ckpt, "--data", folder, "--out", out) == 0
-    before = F.file_sha256(out)
+    before = file_sha256(out)
     # An existing output is never clobbered without --overwrite.
     assert run_cli("--model", ckpt, "--data", folder, "--out", out, "--layer", "stage1") == 2
-    assert F.file_sha256(out) == before
+    assert file_sha256(out) == before
     # With --overwrite, a failing run (bad layer) leaves the old file untouched as well.
     assert run_cli("--model", ckpt, "--data", folder, "--out", out, "--layer", "nope",
                    "--overwrite") == 2
-    assert F.file_sha256(out) == before
+    assert file_sha256(out) == before
     assert run_cli("--model", ckpt, "--data", folder, "--out", out, "--layer", "stage1",
                    "--overwrite") == 0
     assert F.FeatureFile(out).layer == "stage1"

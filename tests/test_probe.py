@@ -21,6 +21,7 @@ from s4l.evaluation.probe import (
     parse_schedules,
     topk_accuracy,
 )
+from s4l.provenance import file_sha256
 
 
 def blobs(n, dim=24, classes=6, seed=0, noise=2.2, means_seed=123):
@@ -100,8 +101,8 @@ def test_cli_writes_report_and_curves_for_paired_files(tmp_path):
     assert (out / "learning_curves.png").stat().st_size > 10_000
     assert len(report["results"]) == 2
     ra, rb = report["results"]
-    assert ra["train"]["sha256"] == F.file_sha256(paths["a"][0])
-    assert ra["val"]["sha256"] == F.file_sha256(paths["a"][1])
+    assert ra["train"]["sha256"] == file_sha256(paths["a"][0])
+    assert ra["val"]["sha256"] == file_sha256(paths["a"][1])
     assert set(ra["sgd"]) == {"short", "long"}
     assert len(ra["sgd"]["long"]["curve"]) == 5
     assert report["settings"]["schedules"]["short"]["epochs"] == 3

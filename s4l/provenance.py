@@ -1,0 +1,40 @@
+"""Where an artifact came from: file hashes, the git commit, library versions (torch-free)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in blocks (checkpoints and feature files can be GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def unpack_once(archive: str | os.PathLike, top: str, cache: str | os.PathLike) -> Path:
+    """Unpack `archive` (whose single top folder is `top`) into `cache` once; return cache/top.
+
+    Used for the real datasets in ../shared/data, which are read-only: a marker file says the
+    unpacking finished, and a half-unpacked folder from a killed run is replaced, never used.
+    """
+    cache = Path(cache)
+    dest, done = cache / top, cache / f".{top}.done"
+    if done.exists() and dest.exists():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{top}.partial-{os.getpid()}"
+    with tarfile.open(archive) as tf:
+        tf.extractall(tmp, filter="data")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp / top, dest)
+    tmp.rmdir()
+    done.touch()
+    return dest
