@@ -25,7 +25,7 @@ from s4l.training.trainer import read_metrics, train
 # EMA, momentum buffers, two data streams crossing an epoch boundary (15 steps/epoch).
 ARGS = ["--preset", "moam-step1-smoke", "--data", "builtin:digits", "--no-progress",
         "--set", "optim.total_steps=30", "--set", "checkpoint.every_steps=4",
-        "--set", "data.workers=1", "--set", "log_every_steps=2"]
+        "--set", "data.workers=1", "--set", "log_every_steps=2", "--set", "eval.every_epochs=0.5"]
 
 
 def _cmd(workdir: Path) -> list[str]:
@@ -90,6 +90,10 @@ def test_sigkill_then_same_command_gives_identical_weights(tmp_path):
     rb = [r for r in read_metrics(killed) if r["kind"] == "train"]
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    # Mid-run evaluations (EMA weights, every 8 steps) happened and did not perturb the run.
+    ea = [r for r in read_metrics(ref) if r["kind"] == "eval"]
+    eb = [r for r in read_metrics(killed) if r["kind"] == "eval"]
+    assert [r["step"] for r in ea] == [8, 16, 24] and ea == eb
 
 
 def _tiny(**sets) -> C.TrainConfig:

@@ -151,12 +151,15 @@ def _base(
 
 
 # Small scales: labelled images per class for "10%" / "1%", train images per class, and a
-# compute budget in (forward+backward) images for a run, ~1 h on 2 CPU cores at width 0.25.
+# compute budget in forwarded (forward+backward) images per run. Measured on 2 shared CPU cores
+# (benchmarks/train_throughput.py, width 0.25, batch 64, fp32): CIFAR-10 32 px ~130 img/s
+# supervised, ~60 img/s S4L-Rotation (x2 with --set precision=bf16), so a run is about an hour
+# of compute on 2 cores and minutes on a GPU.
 _SMALL = {
     "cifar10": dict(per_class={"10": 500, "1": 50}, n_per_class=5000, image=32, resize=32,
-                    stem="small", split="test", budget=300_000),
+                    stem="small", split="test", budget=200_000),
     "imagenette": dict(per_class={"10": 94, "1": 9}, n_per_class=940, image=96, resize=110,
-                       stem="imagenet", split="val", budget=200_000),
+                       stem="imagenet", split="val", budget=150_000),
 }
 
 

@@ -365,7 +365,13 @@ class _Data:
         spec = PreprocessSpec(resize=d.eval_resize, crop=d.image_size, interpolation="area")
         kw = dict(spec=spec, batch_size=d.eval_batch_size, workers=min(d.workers, 2),
                   rank=self.env.rank, world_size=self.env.world_size)
-        loaders = {"eval": make_eval_loader(self.eval_source, limit=d.eval_limit, **kw)}
+        idx = None
+        if d.eval_limit is not None and d.eval_limit < len(self.eval_source):
+            # A fixed random subset (the split is sorted by class: its first N would be one class).
+            import numpy as np
+
+            idx = np.sort(np.random.default_rng(0).permutation(len(self.eval_source))[:d.eval_limit])
+        loaders = {"eval": make_eval_loader(self.eval_source, idx, **kw)}
         if self.heldout:
             loaders["heldout"] = make_eval_loader(self.source, self.heldout, **kw)
         return loaders
