@@ -99,6 +99,11 @@ def test_set_overrides_are_type_checked_and_unknown_keys_listed():
                                   "data.labels_per_class=null"])
     assert new.optim.lr == 0.5 and new.optim.decay_epochs == (1.0, 2.0)
     assert new.ema.half_life_epochs == 2.0 and new.objective.vat_eps == 8.0
+    # Naming one labelled-subset field replaces the preset's (they are alternatives).
+    alt = C.apply_overrides(cfg, ["data.label_fraction=0.5"])
+    assert (alt.data.label_fraction, alt.data.labels_per_class) == (0.5, None)
+    with pytest.raises(UserError, match="at most one of"):
+        C.apply_overrides(cfg, ["data.label_fraction=0.5", "data.labels_per_class=3"])
     with pytest.raises(UserError, match="unknown config key 'optim.lrr'; valid keys: .*optim.lr"):
         C.apply_overrides(cfg, ["optim.lrr=1"])
     with pytest.raises(UserError, match="optim.batch_size: expected an integer"):

@@ -347,6 +347,7 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str | tuple[str, Any]]
     """
     d = to_dict(cfg)
     valid = all_keys()
+    explicit: set[str] = set()
     for item in overrides:
         if isinstance(item, str):
             if "=" not in item:
@@ -367,6 +368,13 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str | tuple[str, Any]]
         if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_tuple_key(key):
             value = [value]
         node[parts[-1]] = value
+        explicit.add(key)
+    # The labelled-subset fields are alternatives: naming one (non-null) replaces the preset's.
+    label_keys = ("labels", "labels_per_class", "label_fraction")
+    if any(f"data.{k}" in explicit and d["data"][k] is not None for k in label_keys):
+        for k in label_keys:
+            if f"data.{k}" not in explicit:
+                d["data"][k] = None
     return from_dict(d)
 
 
