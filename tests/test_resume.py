@@ -167,3 +167,13 @@ def test_checkpoint_contents_follow_the_contract(tmp_path):
 
     inf = load_for_inference(tmp_path / "checkpoint.pt")
     assert inf.used_ema and not inf.model.training
+
+
+def test_resume_with_another_process_count_is_refused(tmp_path):
+    train(_tiny(**{"optim.total_steps": 4}), tmp_path, progress=False)
+    ck = read_checkpoint(tmp_path / "checkpoint.pt")
+    ck["rng"] = ck["rng"] * 2  # as if written by 2 processes
+    ck["step"] = 2
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    with pytest.raises(UserError, match="written by 2 process"):
+        train(_tiny(**{"optim.total_steps": 4}), tmp_path, progress=False)

@@ -208,3 +208,14 @@ def test_cli_train_writes_the_workdir(tmp_path):
     cfg = C.load_json(tmp_path / "config.json")
     assert cfg.data.labels_per_class == 10 and cfg.optim.total_steps == 2
     assert math.isfinite(json.loads((tmp_path / "final_metrics.json").read_text())["eval/top1"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_channels_last_compile_and_sync_bn(tmp_path):
+    cfg = _cfg("moam-step1-smoke", **{"precision": "bf16", "channels_last": True,
+                                      "compile": True, "optim.total_steps": 3})
+    final = train(cfg, tmp_path, device="cuda", progress=False)
+    assert final["step"] == 3 and math.isfinite(final["eval/top1"])
+    ck = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert all(v.device.type == "cpu" for v in ck["model"].values())
