@@ -21,18 +21,11 @@ import torch
 
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec
+from s4l.provenance import file_sha256
 from s4l.training.model import ModelSpec, S4LModel, build_model
 
 FORMAT = "s4l-checkpoint"
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def config_hash(config: Any) -> str:

@@ -180,8 +180,14 @@ def _shrink(cfg: TrainConfig, scale: str, labels: str | None) -> TrainConfig:
     if cfg.bn.ghost_batch:
         shards = max(1, o.batch_size // cfg.bn.ghost_batch)
         ghost = batch // shards if batch % shards == 0 and batch >= shards else None
-    copies = {"s4l-rotation": 4, "rotation": 4, "moam": 4, "s4l-exemplar": 8, "exemplar": 8}
-    per_step = batch * (1 + o.unsup_batch_mult) * copies.get(cfg.objective.name, 1)
+    from s4l.training.objectives import OBJECTIVES
+
+    # Forwarded images per step: only the streams the objective reads, times its copies
+    # (4 rotations are made on the device, so the rotation family counts 4 per image).
+    obj = OBJECTIVES[cfg.objective.name]
+    streams = int(obj.uses_labelled) + (o.unsup_batch_mult if obj.uses_unlabelled else 0)
+    rotations = 4 if cfg.objective.name in ("s4l-rotation", "rotation", "moam") else 1
+    per_step = batch * streams * obj.copies * rotations
     steps = max(50, s["budget"] // per_step)
     steps_per_epoch = max(1, n_epoch_images // batch)
     scale_e = (steps / steps_per_epoch) / o.total_epochs
