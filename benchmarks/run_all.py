@@ -243,13 +243,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def git_info() -> dict[str, Any]:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
-                              check=False).stdout.strip()
+    from s4l.provenance import git_commit
 
-    sha = git("rev-parse", "HEAD")
-    return {"commit": sha or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None}
+    return git_commit(ROOT)
 
 
 def _fmt(v: Any) -> str:

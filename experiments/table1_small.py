@@ -49,7 +49,6 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -57,7 +56,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from s4l.provenance import file_sha256
+from s4l.provenance import file_sha256, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -451,13 +450,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def git_info() -> dict[str, Any]:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    sha = git("rev-parse", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"commit": sha or None, "dirty": dirty if sha else None}
+    return git_commit(ROOT)
 
 
 # ============================================================================ results

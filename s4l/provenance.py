@@ -38,3 +38,24 @@ def unpack_once(archive: str | os.PathLike, top: str, cache: str | os.PathLike) 
     tmp.rmdir()
     done.touch()
     return dest
+
+
+def git_commit(where: str | os.PathLike | None = None) -> dict[str, object]:
+    """The git commit of the checkout holding `where` (default: this package) and whether
+    tracked files differ from it; {"commit": None, "dirty": None} outside a checkout."""
+    import subprocess
+
+    cwd = Path(where) if where is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                                 timeout=5, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return {"commit": None, "dirty": None}
+    return {"commit": sha, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}

@@ -21,7 +21,7 @@ import torch
 
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec
-from s4l.provenance import file_sha256
+from s4l.provenance import file_sha256, git_commit
 from s4l.training.model import ModelSpec, S4LModel, build_model
 
 FORMAT = "s4l-checkpoint"
@@ -183,24 +183,11 @@ def provenance() -> dict[str, Any]:
     """Where an artifact came from: git sha (if in a checkout), versions, host, time."""
     import datetime
     import platform
-    import subprocess
 
     from s4l import __version__
 
-    sha = None
-    try:
-        here = Path(__file__).resolve().parent
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5, check=False)
-        if res.returncode == 0:
-            sha = res.stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   cwd=here, capture_output=True, text=True, timeout=5,
-                                   check=False)
-            if dirty.returncode == 0 and dirty.stdout.strip():
-                sha += "-dirty"
-    except (OSError, subprocess.SubprocessError):
-        pass
+    git = git_commit()
+    sha = git["commit"] and (git["commit"] + ("-dirty" if git["dirty"] else ""))
     versions = {"s4l": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:
         import torchvision
