@@ -18,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=["cpu", "cuda", "auto"],
                         help="execution provider (env S4L_PROVIDER, default cpu); cuda refuses to "
                              "start without CUDA")
-    parser.add_argument("--max-batch-size", type=int, help="env S4L_MAX_BATCH_SIZE (default 32)")
+    parser.add_argument("--max-batch-size", type=int, help="env S4L_MAX_BATCH_SIZE (default 0 = auto: 2 x usable CPUs on CPU, 32 on CUDA)")
     parser.add_argument("--max-wait-ms", type=float, help="env S4L_MAX_WAIT_MS (default 5)")
 
 

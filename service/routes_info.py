@@ -27,7 +27,7 @@ async def info(state: State) -> dict[str, Any]:
                    "max_images_per_request": s.max_images_per_request,
                    "max_pixels": s.max_pixels, "request_timeout_s": s.request_timeout_s,
                    "max_queue_images": s.max_queue_images},
-        "batching": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms},
+        "batching": {"max_batch_size": state.batcher.max_batch_size, "max_wait_ms": s.max_wait_ms},
         "threads": {"intra_op": getattr(state.backend, "threads", None),
                     "decode": state.decode_threads},
         "auth": s.api_key is not None,

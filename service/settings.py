@@ -28,7 +28,9 @@ class Settings(BaseSettings):
         False, description="let onnxruntime's idle threads spin (faster alone, slower beside decoding)")
     decode_threads: int = Field(0, ge=0, description="0: the CPUs this process may use")
 
-    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_batch_size: int = Field(
+        0, ge=0, le=4096,
+        description="0: auto (2 x usable CPUs on CPU, 32 on CUDA); see effective_max_batch_size")
     max_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0)
     max_queue_images: int = Field(256, ge=1, description="admitted images before 503")
     request_timeout_s: float = Field(30.0, gt=0.0)

@@ -303,9 +303,24 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("S4L_PROVIDER", "auto")
     s = Settings()
     assert s.max_batch_size == 7 and s.api_key.get_secret_value() == "k" and s.provider == "auto"
-    monkeypatch.setenv("S4L_MAX_BATCH_SIZE", "0")
+    monkeypatch.setenv("S4L_MAX_BATCH_SIZE", "-1")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_max_batch_size_auto_and_explicit():
+    from s4l.service.app import effective_max_batch_size
+    from s4l.service.backend import available_cpus
+
+    class Cpu:
+        provider = "CPUExecutionProvider"
+
+    class Cuda:
+        provider = "CUDAExecutionProvider"
+
+    assert effective_max_batch_size(Settings(max_batch_size=0), Cpu()) == 2 * available_cpus()
+    assert effective_max_batch_size(Settings(max_batch_size=0), Cuda()) == 32
+    assert effective_max_batch_size(Settings(max_batch_size=7), Cpu()) == 7
 
 
 def test_cuda_requested_but_missing_refuses():
