@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -211,35 +210,11 @@ def ratios(report: Any, path: str = "", in_ratios: bool = False) -> list[dict[st
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu, "cores_logical": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "os": platform.platform(), "python": platform.python_version(),
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-    }
-    try:
-        mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
-        info["memory_gib"] = round(int(mem) / 2**20, 1)
-    except (OSError, IndexError, ValueError):
-        pass
-    gpu = None
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20, check=False)
-        if r.returncode == 0 and r.stdout.strip():
-            gpu = [ln.strip() for ln in r.stdout.strip().splitlines()]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    info["gpu"] = gpu
-    return info
+    from s4l.provenance import machine_info as info
+
+    m = info()
+    m["loadavg_before"] = m.pop("loadavg", None) or [0.0, 0.0, 0.0]
+    return m
 
 
 def git_info() -> dict[str, Any]:

@@ -20,6 +20,10 @@ presets of ``s4l.training.presets``) with:
   pretraining, the pseudo-label teacher) spend one budget per stage; results.md says so per row;
 - fixed seeds: 3 (``--seeds 0,1,2``) for the supervised baseline and S4L-Rotation, the first
   seed for every other row (``--all-seeds`` to run all seeds everywhere);
+- CPU-sized defaults so that the whole table fits about 2 hours on 2 CPU cores: 100,000 images
+  per run, a 3x3 stride-2 stem (``--stem small-s2``, about 4x cheaper than the presets' stride-1
+  stem at 32 px), one BN batch per step instead of the presets' per-device BN shards
+  (``--ghost-bn`` restores them), channels-last, one loader worker;
 - top-1 / top-5 on the 10,000 CIFAR-10 test images, mean and spread over seeds.
 
 Each training run has its own workdir. A run with ``final_metrics.json`` is finished and skipped,
@@ -56,7 +60,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from s4l.provenance import file_sha256, git_commit
+from s4l.provenance import file_sha256, git_commit, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -64,7 +68,13 @@ CACHE = Path(os.environ.get("S4L_TEST_CACHE", Path.home() / ".cache" / "s4l-test
 log = logging.getLogger("table1_small")
 
 # CIFAR-10 forward+backward images per run, the cifar10 presets' budget (training/presets.py).
-DEFAULT_BUDGET = 300_000
+DEFAULT_BUDGET = 100_000
+DEFAULT_STEM = "small-s2"
+# CPU-sized defaults (2 cores, the whole table in about 2 hours): a stride-2 3x3 stem, one BN
+# batch per step (the presets' per-device BN shards, a TPU artefact, run one forward pass per
+# shard: ~2x slower on CPU), channels-last, one loader worker. --stem small / --ghost-bn restore
+# the presets' choices; --set overrides win over all of these.
+CPU_DEFAULTS = (("channels_last", True), ("data.workers", 1))
 SMOKE_BUDGET = 128
 # Rough CPU cost of one budget image relative to a supervised image, for --dry-run estimates only:
 # VAT adds a power-iteration forward+backward and an adversarial forward+backward; a linear probe
@@ -273,17 +283,20 @@ def preset_name(stem: str, regime: Regime, smoke: bool) -> str:
 
 
 def make_config(preset: str, data: str, seed: int, label_file: Path | None, val_per_class: int,
-                overrides: Sequence[str], extra: Sequence[tuple[str, Any]] = (), label_seed: int = 0):
+                overrides: Sequence[str], extra: Sequence[tuple[str, Any]] = (), label_seed: int = 0,
+                stem: str = "small", ghost_bn: bool = True):
     """The preset with this table's data, seed, label file and held-out split (the held-out draw
     uses `data.label_seed`, so it is the label draw's seed everywhere), then `--set` overrides."""
     from s4l.training import config as C
     from s4l.training.presets import get_preset
 
     cfg = get_preset(preset).config
-    pairs: list = [("data.root", data), ("seed", seed), ("data.val_per_class", val_per_class),
+    pairs: list = [*CPU_DEFAULTS, ("data.root", data), ("model.stem", stem), ("seed", seed), ("data.val_per_class", val_per_class),
                    ("data.label_seed", label_seed),
                    ("data.labels_per_class", None), ("data.label_fraction", None),
                    ("data.labels", str(label_file) if label_file else None), *extra]
+    if not ghost_bn:
+        pairs.append(("bn.ghost_batch", None))
     return C.apply_overrides(C.apply_overrides(cfg, pairs), list(overrides))
 
 
@@ -310,7 +323,7 @@ def build_plan(args, data: str, source, regimes: Sequence[Regime], work: Path,
                 return runs[rid]
             preset = preset_name(stem, regime, args.smoke)
             cfg = make_config(preset, data, seed, label_file, args.val_per_class, args.overrides,
-                              extra, args.label_seed)
+                              extra, args.label_seed, stem=args.stem, ghost_bn=args.ghost_bn)
             n_lab = counts.train if cfg.data.pseudo_labels else counts.labelled
             cfg, rec = apply_budget(cfg, budget, n_lab, counts.train)
             runs[rid] = Run(rid, name, row, tag, seed, preset, base / name / f"seed{seed}", cfg, rec,
@@ -416,37 +429,6 @@ def _now() -> str:
 
 
 # ============================================================================ provenance
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores (logical, usable), GPU if any, load, Python and torch versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores_logical": os.cpu_count(),
-                            "cores_usable": len(os.sched_getaffinity(0))
-                            if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                            "os": platform.platform(), "python": platform.python_version(),
-                            "hostname": platform.node()}
-    try:
-        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        info["gpu"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-                       if torch.cuda.is_available() else None)
-    except ImportError:
-        info["gpu"] = None
-    return info
 
 
 def git_info() -> dict[str, Any]:
@@ -670,6 +652,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-scale", type=float, default=1.0,
                     help=f"multiply the per-run budget ({DEFAULT_BUDGET:,} images; smoke "
                     f"{SMOKE_BUDGET}) by this")
+    ap.add_argument("--stem", default=DEFAULT_STEM, choices=("small", "small-s2"),
+                    help="network stem for 32 px (default small-s2: a 3x3 stride-2 conv, about "
+                    "4x cheaper than the presets' stride-1 'small' stem)")
+    ap.add_argument("--ghost-bn", action="store_true",
+                    help="keep the presets' per-device BN batch (bn.ghost_batch: one forward pass "
+                    "per BN shard, as on the release's TPU cores); default: one BN batch per step")
     ap.add_argument("--rate", type=float, default=None,
                     help="images/s for the --dry-run time estimate (default: measured from this "
                     "table's finished runs, else 80)")

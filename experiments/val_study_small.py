@@ -7,7 +7,8 @@ selects models as well as the big one (S4L_REFERENCE.md section 2). Here:
 1. one label file of 100 labels per class (1,000 CIFAR-10 labels), written once and reused;
 2. a sweep of supervised runs (preset ``cifar10-supervised-1pct``) over learning rate x weight
    decay (default 4 x 3 = 12 runs), each with the same compute budget (``table1_small``'s
-   definition: forward+backward images), all holding out the same ``--val-per-class`` training
+   definition: forward+backward images; 40,000 by default, and its CPU defaults: stride-2 stem,
+   one BN batch per step), all holding out the same ``--val-per-class`` training
    images per class (default 50 = a 500-image pool, the paper's 50:1 ratio of pool to tiny set);
 3. ``s4l val-study`` on that held-out pool with 1, 5 and all (``--val-per-class``) images per class.
 
@@ -44,7 +45,7 @@ import table1_small as t1  # noqa: E402  (the sibling script: budget, provenance
 
 ROOT = t1.ROOT
 PRESET = "cifar10-supervised-1pct"
-DEFAULT_BUDGET = 100_000
+DEFAULT_BUDGET = 40_000  # 12 runs in about 20 minutes on 2 CPU cores (table1_small CPU defaults)
 log = logging.getLogger("val_study_small")
 
 
@@ -68,6 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-scale", type=float, default=1.0,
                     help=f"multiply the per-run budget ({DEFAULT_BUDGET:,} images; smoke "
                     f"{t1.SMOKE_BUDGET}) by this")
+    ap.add_argument("--stem", default=t1.DEFAULT_STEM, choices=("small", "small-s2"),
+                    help="network stem (default small-s2, as table1_small.py)")
+    ap.add_argument("--ghost-bn", action="store_true",
+                    help="keep the preset's per-device BN batch (default: one BN batch per step)")
     ap.add_argument("--draws", type=int, default=20, help="random small sets per size (default 20)")
     ap.add_argument("--rate", type=float, default=None, help="images/s for the --dry-run estimate")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -99,7 +104,7 @@ def build_sweep(args, data: str, source, label_file: Path, work: Path, budget: i
         name = f"lr{lr:g}_wd{wd:g}"
         cfg = t1.make_config(preset, data, args.seed, label_file, args.val_per_class,
                              args.overrides, [("optim.lr", lr), ("optim.weight_decay", wd)],
-                             args.label_seed)
+                             args.label_seed, stem=args.stem, ghost_bn=args.ghost_bn)
         cfg, rec = t1.apply_budget(cfg, budget, counts.labelled, counts.train)
         rec.update(lr=lr, weight_decay=wd)
         runs.append(t1.Run(f"{tag}/{name}", name, "supervised", tag, args.seed, preset,

@@ -67,7 +67,20 @@ def test_zero_padded_max_pool():
     assert pooled[0, 0, 5, 5].item() == -1.0
 
 
-@pytest.mark.parametrize("stem", ["imagenet", "small"])
+def test_stride_two_small_stem():
+    """"small-s2" halves the stem's resolution (the CPU-sized experiments' stem) and nothing else:
+    same parameters as "small", stage4 at 2x2 for 32 px, and a config accepts it."""
+    from s4l.training.config import TrainConfig, apply_overrides
+
+    s1, s2 = ModelSpec(width=0.0625, stem="small"), ModelSpec(width=0.0625, stem="small-s2")
+    m1, m2 = build_model(s1).eval(), build_model(s2).eval()
+    assert sum(p.numel() for p in m1.parameters()) == sum(p.numel() for p in m2.parameters())
+    f = m2.backbone.forward_features(torch.randn(2, 3, 32, 32))
+    assert f["stem"].shape[-2:] == (16, 16) and f["stage4"].shape[-2:] == (2, 2)
+    assert apply_overrides(TrainConfig(), ["model.stem=small-s2"]).model.stem == "small-s2"
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "small", "small-s2"])
 def test_bad_spec(stem):
     with pytest.raises(ValueError, match="width"):
         ModelSpec(width=0.01, stem=stem)

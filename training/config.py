@@ -192,8 +192,9 @@ def validate(cfg: TrainConfig) -> None:
     d, o = cfg.data, cfg.optim
     if cfg.precision not in PRECISIONS:
         raise UserError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
-    if cfg.model.stem not in ("imagenet", "small"):
-        raise UserError(f"model.stem must be 'imagenet' or 'small', got {cfg.model.stem!r}")
+    if cfg.model.stem not in ("imagenet", "small", "small-s2"):
+        raise UserError("model.stem must be 'imagenet', 'small' or 'small-s2', "
+                        f"got {cfg.model.stem!r}")
     given = [k for k in ("labels", "labels_per_class", "label_fraction") if getattr(d, k) is not None]
     if len(given) > 1:
         raise UserError(f"give at most one of data.labels/labels_per_class/label_fraction, got {given}")
