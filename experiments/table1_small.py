@@ -36,9 +36,9 @@ table across sessions::
     .venv/bin/python experiments/table1_small.py --smoke --data builtin:digits   # plumbing only
 
 Outputs, in ``--workdir`` (default runs/table1_small): ``label_map_<N>labels_seed<k>.json``,
-``<N>labels-budget<B>/<row>/seed<s>/`` (the trainer's workdirs), ``results.md`` and
-``results.json`` (the table beside the paper's numbers, the budget, seeds, machine, git commit,
-wall time per run). Rows not run yet appear as "-".
+``<N>labels-budget<B>/<row>/seed<s>/`` (the trainer's workdirs), ``results.md``,
+``results.json`` and ``results.png`` (the table beside the paper's numbers, the budget, seeds,
+machine, git commit, wall time per run); with ``--docs``, ``docs/table1_small.{md,png}``. Rows not run yet appear as "-".
 """
 
 from __future__ import annotations
@@ -528,8 +528,55 @@ def write_results(out: Path, plan: list[Run], meta: dict[str, Any]) -> dict[str,
     result = {"kind": "s4l-table1-small", **meta, "rows": rows, "runs": records}
     _write_json(out / "results.json", result)
     (out / "results.md").write_text(render_markdown(result))
-    log.info("wrote %s and %s", out / "results.md", out / "results.json")
+    plot_results(result, out / "results.png")
+    log.info("wrote %s, %s and %s", out / "results.md", out / "results.json", out / "results.png")
     return result
+
+
+def plot_results(r: dict[str, Any], path: Path) -> None:
+    """Per regime, one horizontal bar per row: our top-1 and top-5 (mean, std over seeds as error
+    bars, every seed as a dot) beside the paper's top-5; rows without results are left empty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = sorted({x["regime"] for x in r["rows"]}, key=lambda t: -int(t.split("labels")[0]))
+    if not regimes:
+        return
+    runs = {x["id"]: x for x in r["runs"]}
+    fig, axes = plt.subplots(1, len(regimes), figsize=(10.5 * len(regimes), 5.5), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        rows = [x for x in r["rows"] if x["regime"] == regime][::-1]
+        y = list(range(len(rows)))
+        h = 0.27
+        for off, key, color, label in ((h, "top5", "tab:blue", "ours top-5"),
+                                       (0.0, "top1", "tab:orange", "ours top-1")):
+            means = [x["summary"].get(key, {}).get("mean", 0.0) for x in rows]
+            stds = [x["summary"].get(key, {}).get("std") or 0.0 for x in rows]
+            ax.barh([v + off for v in y], means, height=h, xerr=stds, color=color, label=label,
+                    capsize=2)
+            for yi, x in zip(y, rows):
+                vals = [runs[f"{regime}/{x['row']}/seed{s}"]["metrics"][key]
+                        for s in x["seeds_done"]
+                        if key in runs.get(f"{regime}/{x['row']}/seed{s}", {}).get("metrics", {})]
+                if len(vals) > 1:
+                    ax.scatter(vals, [yi + off] * len(vals), s=9, color="black", zorder=5)
+        paper = [x["paper"]["top5"] or 0.0 for x in rows]
+        ax.barh([v - h for v in y], paper, height=h, color="lightgrey", edgecolor="grey",
+                label=f"paper top-5 (ImageNet, {rows[0]['paper']['column']} labels)")
+        ax.set_yticks(y, [x["method"] for x in rows], fontsize=8)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("accuracy (%)")
+        ax.set_title(f"CIFAR-10, {regime}, {r['budget']['images_per_run']:,} images per run "
+                     "(ours: test split, mean ± std over seeds)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -542,6 +589,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         + (" — SMOKE RUN: tiny nets, meaningless numbers" if r["smoke"] else "") + ":",
         "",
         f"    {r['command']}",
+        "",
+        "![our rows beside the paper's](results.png)",
         "",
         f"- data: `{r['data']}` ({r['train_images']} training images, {r['classes']} classes); "
         f"test = the `{r['eval_split']}` split ({r['eval_images']} images, never used to select)",
@@ -668,6 +717,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "tiny budget: checks the plumbing in seconds, meaningless numbers")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and its estimated cost")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--docs", action="store_true",
+                    help="also copy results.md / results.png to docs/table1_small.md / .png (the "
+                    "published table; not with --smoke)")
     ap.add_argument("--imagenet-compute", type=float, nargs="?", const=1000.0, default=None,
                     metavar="IMG_PER_S", help="print each ImageNet preset's images processed and "
                     "GPU-days at IMG_PER_S forward+backward images/s per GPU (default 1000), exit")
@@ -832,6 +884,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "session_wall_s": round(time.time() - started, 1), "failed": failed,
     }
     result = write_results(work, plan, meta)
+    if args.docs and not args.smoke:
+        import shutil
+
+        text = (work / "results.md").read_text().replace("(results.png)", "(table1_small.png)")
+        (ROOT / "docs" / "table1_small.md").write_text(text)
+        shutil.copyfile(work / "results.png", ROOT / "docs" / "table1_small.png")
+        log.info("wrote docs/table1_small.md and docs/table1_small.png")
     for row in result["rows"]:
         s = row["summary"]
         log.info("%-14s %-32s top-1 %s  top-5 %s  (%d/%d seeds)", row["regime"], row["method"],

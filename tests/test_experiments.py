@@ -43,6 +43,8 @@ def test_table1_tiny_end_to_end_and_resume(folder, tmp_path, caplog):
     assert t1.main(argv) == 0
     res = json.loads((work / "results.json").read_text())
     assert [r["row"] for r in res["rows"]] == ["supervised", "pseudo-labels"]
+    assert (work / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![our rows beside the paper's](results.png)" in (work / "results.md").read_text()
     label_file = work / "label_map_12labels_seed0.json"
     assert len(read_label_map(label_file)) == 12  # 4 per class x 3 classes
     assert res["regimes"][0]["label_file"] == str(label_file)
