@@ -50,6 +50,7 @@ class Known:
     quick: tuple[str, ...]
     full: tuple[str, ...] = ()
     reference: str = ""
+    full_cpu: tuple[str, ...] | None = None  # full-mode arguments when no GPU is present
     timeout_quick_s: int = 900
     timeout_full_s: int = 6 * 3600
 
@@ -57,10 +58,14 @@ class Known:
 KNOWN: dict[str, Known] = {
     "train_throughput": Known(
         quick=("--size", "64", "--width", "0.25", "--batch", "16", "--steps", "3", "--warmup", "1"),
+        # Without a GPU: the CPU table's network (experiments/table1_small.py), not width 1 at 224.
+        full_cpu=("--size", "32", "--width", "0.25", "--batch", "64", "--stem", "small-s2",
+                  "--channels-last", "--steps", "20", "--warmup", "3"),
         reference="the same run's supervised fp32 step on synthetic tensors: S4L-Rotation vs "
                   "supervised cost per image, bf16 vs fp32, real JPEG loading vs synthetic"),
     "extract": Known(
         quick=("--n", "64", "--rounds", "1", "--width", "0.25", "--batch-size", "16"),
+        full=("--rounds", "2"),
         reference="the raw model on the same already-preprocessed batches (images/s), measured "
                   "before and after each end-to-end run; target >= 0.9"),
     "probe": Known(
@@ -69,7 +74,7 @@ KNOWN: dict[str, Known] = {
                   "its top-1 minus 1 point; < 1 = faster; null = not reached)"),
     "serve": Known(
         quick=("--duration", "4", "--rounds", "1", "--concurrency", "1,8", "--images", "16"),
-        full=("--int8",),
+        full=("--int8", "--duration", "10"),
         reference="the raw onnxruntime session on the same crops, in alternating windows "
                   "(targets: >= 0.85x raw throughput at concurrency >= 8, p99 <= 1.3x raw p50 at 1)"),
 }
@@ -125,7 +130,8 @@ def keep_known_flags(args: tuple[str, ...], flags: set[str]) -> tuple[list[str],
 # ============================================================================ running
 
 
-def run_one(script: Path, quick: bool, out_dir: Path, env: dict[str, str]) -> dict[str, Any]:
+def run_one(script: Path, quick: bool, out_dir: Path, env: dict[str, str],
+            gpu: bool = False) -> dict[str, Any]:
     """Run one benchmark; return its record (command, status, wall time, report, ratios)."""
     name = script.stem
     known = KNOWN.get(name)
@@ -136,7 +142,8 @@ def run_one(script: Path, quick: bool, out_dir: Path, env: dict[str, str]) -> di
         rec.update(status="error", error=f"{script.name} --help failed")
         return rec
     if known:
-        args, dropped = keep_known_flags(known.quick if quick else known.full, flags)
+        full = known.full if gpu or known.full_cpu is None else known.full_cpu
+        args, dropped = keep_known_flags(known.quick if quick else full, flags)
         if dropped:
             log.warning("%s: the script has no %s any more; running without", name, dropped)
             rec["dropped_flags"] = dropped
@@ -307,9 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     scripts = discover([s.strip() for s in args.only.split(",")] if args.only else None)
     if args.list:
+        gpu = bool(machine_info().get("gpu"))
         for s in scripts:
             k = KNOWN.get(s.stem)
-            a = (k.quick if args.quick else k.full) if k else (("--quick",) if args.quick else ())
+            full = (k.full if gpu or k.full_cpu is None else k.full_cpu) if k else ()
+            a = (k.quick if args.quick else full) if k else (("--quick",) if args.quick else ())
             print(f"{s.stem:18s} python {s.relative_to(ROOT)} {' '.join(a)}"
                   + ("" if k else "   (unknown to the runner)"))
         return 0
@@ -325,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("load average %.1f: other work is running; absolute numbers will be low, "
                     "the same-run ratios less so", machine["loadavg_before"][0])
     t0 = time.time()
-    records = [run_one(s, args.quick, out_dir, env) for s in scripts]
+    records = [run_one(s, args.quick, out_dir, env, gpu=bool(machine.get("gpu")))
+               for s in scripts]
     summary = {
         "kind": "s4l-benchmarks", "quick": args.quick, "command": command,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

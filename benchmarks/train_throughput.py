@@ -9,10 +9,15 @@ forward + backward + SGD update, objective from the OBJECTIVES table) at standar
   step of the same batch size) and seconds per FORWARDED image (what the hardware sees);
 - bf16 autocast vs fp32 (same objective, same batch);
 - real JPEG loading (Imagenette from ../shared/data through `s4l.training.data`'s loaders,
-  decode + inception crop + flip in worker processes) vs synthetic tensors.
+  decode + inception crop + flip in worker processes) vs synthetic tensors;
+- at <= 64 px, the two settings experiments/table1_small.py changes to fit 2 CPU cores: the
+  stride-2 vs stride-1 small stem, and one BN batch per step vs the presets' per-device BN shards
+  (`--bn-shards`, one forward pass each).
 
     python benchmarks/train_throughput.py                      # width 1, 224 px (GPU-sized)
     python benchmarks/train_throughput.py --size 64 --width 0.25 --batch 16 --steps 3  # CPU
+    python benchmarks/train_throughput.py --size 32 --width 0.25 --batch 64 --stem small-s2 \
+        --channels-last --steps 20 --warmup 3      # the CPU table's settings (run_all full)
 
 Writes JSON (default benchmarks/results/train_throughput.json). Not a test: numbers depend on
 the machine; compare ratios, not absolute values, across machines.
@@ -25,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -66,11 +72,18 @@ def _forwarded(obj, batch: int) -> int:
     return batch * streams * obj.copies * rot
 
 
+def _split(batch: dict, shards: int) -> list[dict]:
+    """One step's batch cut into `shards` BN shards along the batch dimension (the trainer's
+    per-device BN batch, bn.ghost_batch)."""
+    return [{k: v.chunk(shards)[i] for k, v in batch.items()} for i in range(shards)]
+
+
 def measure(name: str, *, width: float, size: int, batch: int, steps: int, warmup: int,
-            precision: str, dev: torch.device, channels_last: bool, batches=None) -> dict:
+            precision: str, dev: torch.device, channels_last: bool, batches=None,
+            stem: str | None = None, bn_shards: int = 1) -> dict:
     """Time `steps` optimiser steps (after `warmup`) on synthetic data or the given iterator."""
     obj = build_objective(name, ObjectiveConfig(), 10)
-    stem = "small" if size <= 32 else "imagenet"  # as the presets: CIFAR 32 px small stem
+    stem = stem or ("small" if size <= 32 else "imagenet")  # as the presets: CIFAR 32 px small
     model = build_model(ModelSpec(width=width, stem=stem, heads=obj.heads())).to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -80,16 +93,17 @@ def measure(name: str, *, width: float, size: int, batch: int, steps: int, warmu
     data = batches if batches is not None else iter(_synthetic_batches(obj, batch, size, 4) * 10_000)
     model.train()
     for _ in range(warmup):
-        _train_step(model, obj, opt, [next(data)], dev, ac, None, env)
+        _train_step(model, obj, opt, _split(next(data), bn_shards), dev, ac, None, env)
     _sync(dev)
     t0 = time.perf_counter()
     for _ in range(steps):
-        m = _train_step(model, obj, opt, [next(data)], dev, ac, None, env)
+        m = _train_step(model, obj, opt, _split(next(data), bn_shards), dev, ac, None, env)
     m["loss"].item()
     _sync(dev)
     dt = (time.perf_counter() - t0) / steps
     fwd = _forwarded(obj, batch)
-    return {"objective": name, "precision": precision, "batch": batch,
+    return {"objective": name, "precision": precision, "batch": batch, "stem": stem,
+            "bn_shards": bn_shards,
             "seconds_per_step": dt, "source_images_per_s": batch / dt,
             "forwarded_images_per_s": fwd / dt, "forwarded_per_step": fwd,
             "loss": float(m["loss"])}
@@ -135,13 +149,18 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--stem", choices=("imagenet", "small", "small-s2"), default=None,
+                   help="network stem (default: small at <= 32 px, else imagenet)")
+    p.add_argument("--bn-shards", type=int, default=8,
+                   help="BN shards of the per-device-BN comparison (default 8: the cifar10 "
+                   "presets' ghost batch of 8 at batch 64)")
     p.add_argument("--no-jpeg", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dev = torch.device(a.device)
     kw = dict(width=a.width, size=a.size, batch=a.batch, steps=a.steps, warmup=a.warmup,
-              dev=dev, channels_last=a.channels_last)
+              dev=dev, channels_last=a.channels_last, stem=a.stem)
     runs = {}
     for name in ("supervised", "s4l-rotation"):
         for prec in ("fp32", "bf16"):
@@ -149,6 +168,17 @@ def main() -> int:
             runs[f"{name}/{prec}/synthetic"] = r
             log.info("%-13s %-4s synthetic: %8.1f source img/s, %8.1f forwarded img/s",
                      name, prec, r["source_images_per_s"], r["forwarded_images_per_s"])
+    # The two settings experiments/table1_small.py changes for CPU (supervised fp32, synthetic):
+    # the stride-2 vs stride-1 small stem, and one BN batch vs the presets' per-device BN shards.
+    extra = {}
+    if a.size <= 64:
+        other = "small" if (a.stem or "small") == "small-s2" else "small-s2"
+        runs[f"supervised/fp32/synthetic/stem-{other}"] = measure(
+            "supervised", precision="fp32", **{**kw, "stem": other})
+        extra["stem"] = other
+    if a.batch % a.bn_shards == 0 and a.bn_shards > 1:
+        runs[f"supervised/fp32/synthetic/bn-shards-{a.bn_shards}"] = measure(
+            "supervised", precision="fp32", bn_shards=a.bn_shards, **kw)
     jpeg = None
     if not a.no_jpeg:
         obj = build_objective("supervised", ObjectiveConfig(), 10)
@@ -174,10 +204,21 @@ def main() -> int:
     if jpeg is not None:
         ratios["jpeg_vs_synthetic_throughput_supervised"] = \
             jpeg["source_images_per_s"] / sup["source_images_per_s"]
+    if "stem" in extra:
+        o = runs[f"supervised/fp32/synthetic/stem-{extra['stem']}"]
+        s1, s2 = (o, sup) if extra["stem"] == "small" else (sup, o)
+        ratios["stride2_vs_stride1_small_stem_speedup_supervised"] = \
+            s2["source_images_per_s"] / s1["source_images_per_s"]
+    key = f"supervised/fp32/synthetic/bn-shards-{a.bn_shards}"
+    if key in runs:
+        ratios[f"one_bn_batch_vs_{a.bn_shards}_bn_shards_speedup_supervised"] = \
+            sup["source_images_per_s"] / runs[key]["source_images_per_s"]
     for k, v in ratios.items():
         log.info("%-55s %.3f", k, v)
     result = {
         "benchmark": "train_throughput",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["python", *sys.argv]),
         "settings": {**{k: v for k, v in vars(a).items() if k != "out"}},
         "machine": {"device": str(dev), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "platform": platform.platform(),
