@@ -60,7 +60,7 @@ KNOWN: dict[str, Known] = {
         quick=("--size", "64", "--width", "0.25", "--batch", "16", "--steps", "3", "--warmup", "1"),
         # Without a GPU: the CPU table's network (experiments/table1_small.py), not width 1 at 224.
         full_cpu=("--size", "32", "--width", "0.25", "--batch", "64", "--stem", "small-s2",
-                  "--channels-last", "--steps", "20", "--warmup", "3"),
+                  "--channels-last", "--steps", "10", "--warmup", "2"),
         reference="the same run's supervised fp32 step on synthetic tensors: S4L-Rotation vs "
                   "supervised cost per image, bf16 vs fp32, real JPEG loading vs synthetic"),
     "extract": Known(
@@ -70,6 +70,8 @@ KNOWN: dict[str, Known] = {
                   "before and after each end-to-end run; target >= 0.9"),
     "probe": Known(
         quick=("--n", "4000", "--dim", "512", "--classes", "20", "--max-epochs", "10"),
+        # Without a GPU: half the evaluation issue's 100,000 rows, so the page fits ~10 minutes.
+        full_cpu=("--n", "50000"),
         reference="scikit-learn L-BFGS's time to fit (the ratio is the SGD variant's time to reach "
                   "its top-1 minus 1 point; < 1 = faster; null = not reached)"),
     "serve": Known(

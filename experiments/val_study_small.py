@@ -7,7 +7,7 @@ selects models as well as the big one (S4L_REFERENCE.md section 2). Here:
 1. one label file of 100 labels per class (1,000 CIFAR-10 labels), written once and reused;
 2. a sweep of supervised runs (preset ``cifar10-supervised-1pct``) over learning rate x weight
    decay (default 4 x 3 = 12 runs), each with the same compute budget (``table1_small``'s
-   definition: forward+backward images; 40,000 by default, and its CPU defaults: stride-2 stem,
+   definition: forward+backward images; 25,000 by default, and its CPU defaults: stride-2 stem,
    one BN batch per step), all holding out the same ``--val-per-class`` training
    images per class (default 50 = a 500-image pool, the paper's 50:1 ratio of pool to tiny set);
 3. ``s4l val-study`` on that held-out pool with 1, 5 and all (``--val-per-class``) images per class.
@@ -45,7 +45,7 @@ import table1_small as t1  # noqa: E402  (the sibling script: budget, provenance
 
 ROOT = t1.ROOT
 PRESET = "cifar10-supervised-1pct"
-DEFAULT_BUDGET = 40_000  # 12 runs in about 20 minutes on 2 CPU cores (table1_small CPU defaults)
+DEFAULT_BUDGET = 25_000  # 12 runs in about 15 minutes on 2 CPU cores (table1_small CPU defaults)
 log = logging.getLogger("val_study_small")
 
 
