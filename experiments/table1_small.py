@@ -21,7 +21,7 @@ presets of ``s4l.training.presets``) with:
 - fixed seeds: 3 (``--seeds 0,1,2``) for the supervised baseline and S4L-Rotation, the first
   seed for every other row (``--all-seeds`` to run all seeds everywhere);
 - CPU-sized defaults so that the whole table fits about 2 hours on 2 CPU cores: 100,000 images
-  per run, a 3x3 stride-2 stem (``--stem small-s2``, about 4x cheaper than the presets' stride-1
+  per run, a 3x3 stride-2 stem (``--stem small-s2``, about 3.5x cheaper than the presets' stride-1
   stem at 32 px), one BN batch per step instead of the presets' per-device BN shards
   (``--ghost-bn`` restores them), channels-last, one loader worker;
 - top-1 / top-5 on the 10,000 CIFAR-10 test images, mean and spread over seeds.

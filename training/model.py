@@ -37,7 +37,7 @@ class ModelSpec:
     width: multiplier of the standard widths (root 64*width channels; 1.0 = the paper's
       standard ResNet50v2, 4.0 = its "4x wider" net, 0.25 = a quarter width with root 16).
     stem: "imagenet" (7x7/2 conv + 3x3/2 zero-padded max-pool), "small" (3x3/1 conv, no
-      pool) for 32-64 px images, or "small-s2" (3x3/2 conv, no pool): about 4x cheaper than
+      pool) for 32-64 px images, or "small-s2" (3x3/2 conv, no pool): about 3.5x cheaper than
       "small" at 32 px, for CPU-sized experiments.
     heads: head name -> output size.
     """
