@@ -703,7 +703,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     f"{SMOKE_BUDGET}) by this")
     ap.add_argument("--stem", default=DEFAULT_STEM, choices=("small", "small-s2"),
                     help="network stem for 32 px (default small-s2: a 3x3 stride-2 conv, about "
-                    "4x cheaper than the presets' stride-1 'small' stem)")
+                    "3.5x cheaper than the presets' stride-1 'small' stem)")
     ap.add_argument("--ghost-bn", action="store_true",
                     help="keep the presets' per-device BN batch (bn.ghost_batch: one forward pass "
                     "per BN shard, as on the release's TPU cores); default: one BN batch per step")
