@@ -66,12 +66,6 @@ def _synthetic_batches(obj, batch: int, size: int, n: int):
     return out
 
 
-def _forwarded(obj, batch: int) -> int:
-    rot = 4 if obj.name in ("s4l-rotation", "rotation", "moam") else 1
-    streams = int(obj.uses_labelled) + int(obj.uses_unlabelled)
-    return batch * streams * obj.copies * rot
-
-
 def _split(batch: dict, shards: int) -> list[dict]:
     """One step's batch cut into `shards` BN shards along the batch dimension (the trainer's
     per-device BN batch, bn.ghost_batch)."""
@@ -101,7 +95,7 @@ def measure(name: str, *, width: float, size: int, batch: int, steps: int, warmu
     m["loss"].item()
     _sync(dev)
     dt = (time.perf_counter() - t0) / steps
-    fwd = _forwarded(obj, batch)
+    fwd = obj.forwarded_per_step(batch, 1)[0]  # one unlabelled image per labelled one
     return {"objective": name, "precision": precision, "batch": batch, "stem": stem,
             "bn_shards": bn_shards,
             "seconds_per_step": dt, "source_images_per_s": batch / dt,

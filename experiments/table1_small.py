@@ -80,7 +80,6 @@ SMOKE_BUDGET = 128
 # VAT adds a power-iteration forward+backward and an adversarial forward+backward; a linear probe
 # backpropagates through the head only.
 COST = {"vat": 3.0, "vat-entmin": 3.0, "moam": 2.0, "linear": 0.4}  # moam: VAT on half the batch
-ROTATION_FAMILY = ("rotation", "s4l-rotation", "moam")  # 4 rotated copies made on the device
 
 # The paper's Table 1 (top-5, 10% / 1% labels) and the release's top-1 where it reports one
 # (S4L_REFERENCE.md section 2). These are the references printed beside our numbers.
@@ -227,14 +226,8 @@ def images_per_step(cfg) -> tuple[int, int, int]:
     """(images through forward+backward per step, labelled batch, unlabelled batch)."""
     from s4l.training.objectives import OBJECTIVES
 
-    obj = OBJECTIVES[cfg.objective.name]
-    o = cfg.optim
-    b_l = o.batch_size if obj.uses_labelled else 0
-    b_u = o.batch_size * o.unsup_batch_mult if obj.uses_unlabelled else 0
-    if not obj.uses_labelled:  # purely self-supervised: one stream of batch x unsup_batch_mult
-        b_u = o.batch_size * o.unsup_batch_mult
-    k = obj.copies * (4 if cfg.objective.name in ROTATION_FAMILY else 1)
-    return (b_l + b_u) * k, b_l, b_u
+    return OBJECTIVES[cfg.objective.name].forwarded_per_step(cfg.optim.batch_size,
+                                                             cfg.optim.unsup_batch_mult)
 
 
 def apply_budget(cfg, budget_images: int, n_labelled: int, n_train: int):

@@ -182,12 +182,7 @@ def _shrink(cfg: TrainConfig, scale: str, labels: str | None) -> TrainConfig:
         ghost = batch // shards if batch % shards == 0 and batch >= shards else None
     from s4l.training.objectives import OBJECTIVES
 
-    # Forwarded images per step: only the streams the objective reads, times its copies
-    # (4 rotations are made on the device, so the rotation family counts 4 per image).
-    obj = OBJECTIVES[cfg.objective.name]
-    streams = int(obj.uses_labelled) + (o.unsup_batch_mult if obj.uses_unlabelled else 0)
-    rotations = 4 if cfg.objective.name in ("s4l-rotation", "rotation", "moam") else 1
-    per_step = batch * streams * obj.copies * rotations
+    per_step = OBJECTIVES[cfg.objective.name].forwarded_per_step(batch, o.unsup_batch_mult)[0]
     steps = max(50, s["budget"] // per_step)
     steps_per_epoch = max(1, n_epoch_images // batch)
     scale_e = (steps / steps_per_epoch) / o.total_epochs

@@ -142,6 +142,8 @@ class Objective:
     - copies: images per source image the data pipeline must produce (K in [B, K, 3, H, W]):
       1, or 8 for the exemplar family. Rotations are NOT copies: they are made on the device
       inside the objective.
+    - device_rotations: rotated versions the objective makes of each image on the device (4 for
+      the rotation family, else 1); with `copies`, what `forwarded_per_step` counts.
     - uses_labelled / uses_unlabelled: which streams the batch carries.
     - rotation_eval: the model has class and rotation heads; also report rotation-averaged
       accuracy (`predict_logits(..., rotation_average=True)`).
@@ -151,6 +153,7 @@ class Objective:
 
     name: ClassVar[str]
     copies: ClassVar[int] = 1
+    device_rotations: ClassVar[int] = 1
     uses_labelled: ClassVar[bool] = True
     uses_unlabelled: ClassVar[bool] = False
     rotation_eval: ClassVar[bool] = False
@@ -164,6 +167,16 @@ class Objective:
             raise UserError(f"an objective needs num_classes >= 2, got {num_classes!r}")
         self.cfg = cfg
         self.num_classes = num_classes
+
+    @classmethod
+    def forwarded_per_step(cls, batch_size: int, unsup_batch_mult: int) -> tuple[int, int, int]:
+        """(images through forward+backward per step, labelled batch, unlabelled batch) for a
+        labelled batch of `batch_size`: only the streams the objective reads, each image counted
+        once per data copy and per on-device rotation. A purely self-supervised objective reads one
+        stream of `batch_size x unsup_batch_mult` images."""
+        b_l = batch_size if cls.uses_labelled else 0
+        b_u = batch_size * unsup_batch_mult if cls.uses_unlabelled or not cls.uses_labelled else 0
+        return (b_l + b_u) * cls.copies * cls.device_rotations, b_l, b_u
 
     def heads(self) -> dict[str, int]:
         """Head name -> output size the model must have (ModelSpec.heads)."""

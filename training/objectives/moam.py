@@ -38,6 +38,7 @@ class MOAMObjective(Objective):
     loss_rotation_unlabelled, loss_vat, entropy, acc_class, acc_rotation."""
 
     name: ClassVar[str] = "moam"
+    device_rotations: ClassVar[int] = NUM_ROTATIONS
     uses_labelled: ClassVar[bool] = True
     uses_unlabelled: ClassVar[bool] = True
     rotation_eval: ClassVar[bool] = True

@@ -35,6 +35,7 @@ class RotationObjective(Objective):
     """
 
     name: ClassVar[str] = "rotation"
+    device_rotations: ClassVar[int] = NUM_ROTATIONS
     uses_labelled: ClassVar[bool] = False
     uses_unlabelled: ClassVar[bool] = True
     metric_names: ClassVar[tuple[str, ...]] = ("loss", "loss_rotation", "acc_rotation")
@@ -105,6 +106,7 @@ class S4LRotationObjective(Objective):
     """
 
     name: ClassVar[str] = "s4l-rotation"
+    device_rotations: ClassVar[int] = NUM_ROTATIONS
     uses_labelled: ClassVar[bool] = True
     uses_unlabelled: ClassVar[bool] = True
     rotation_eval: ClassVar[bool] = True
