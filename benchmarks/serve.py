@@ -208,8 +208,12 @@ def main() -> int:
     ap.add_argument("--int8", action="store_true", help="also export and measure the int8 model")
     ap.add_argument("--calibration-images", type=int, default=64)
     ap.add_argument("--heldout-images", type=int, default=128)
-    ap.add_argument("--max-batch-size", type=int, default=16)
-    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--max-batch-size", type=int, default=None,
+                    help="server's S4L_MAX_BATCH_SIZE (default: the server's own default, auto)")
+    ap.add_argument("--max-wait-ms", type=float, default=None,
+                    help="server's S4L_MAX_WAIT_MS (default: the server's own default)")
+    ap.add_argument("--raw-batch", type=int, default=16,
+                    help="batch size of the raw session's throughput reference")
     ap.add_argument("--server-env", action="append", default=[], metavar="S4L_X=V",
                     help="extra server settings, e.g. S4L_ORT_SPINNING=true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
@@ -244,19 +248,25 @@ def main() -> int:
     extra_env = dict(kv.split("=", 1) for kv in args.server_env)
     spinning = extra_env.get("S4L_ORT_SPINNING", "false").lower() in ("1", "true", "yes")
     sess = session(fp32, threads, spinning)
-    env = {"S4L_MAX_BATCH_SIZE": str(args.max_batch_size), "S4L_MAX_WAIT_MS": str(args.max_wait_ms),
-           "S4L_MAX_QUEUE_IMAGES": "1024", "S4L_LOG_LEVEL": "warning", "OMP_NUM_THREADS": str(threads),
-           **extra_env}
+    # The server runs with its defaults (what a user gets) unless a flag overrides one.
+    env = {"S4L_MAX_QUEUE_IMAGES": "1024", "S4L_LOG_LEVEL": "warning", "OMP_NUM_THREADS": str(threads)}
+    if args.max_batch_size is not None:
+        env["S4L_MAX_BATCH_SIZE"] = str(args.max_batch_size)
+    if args.max_wait_ms is not None:
+        env["S4L_MAX_WAIT_MS"] = str(args.max_wait_ms)
+    env.update(extra_env)
     levels = [int(c) for c in args.concurrency.split(",")]
     window = args.duration / args.rounds
     served, raw1_all, rawb_all = [], [], []
     with ServerProcess(fp32, env=env, log=workdir / "server.log") as srv:
+        server_info = httpx.get(srv.url + "/info", timeout=30).json()
+        log.info("server: batching %s, threads %s", server_info["batching"], server_info["threads"])
         for c in levels:
             raw_runs, srv_runs = [], []
             if c == 1:  # latency: strictly paired calls, so both see the same moment's load
                 raw_runs, srv_runs = paired_single(sess, srv.url, crops, blobs, args.duration)
             for _ in range(args.rounds if c > 1 else 0):
-                raw_runs.append(raw_throughput(sess, crops, args.max_batch_size, window))
+                raw_runs.append(raw_throughput(sess, crops, args.raw_batch, window))
                 srv_runs.append(drive(srv.url, blobs, c, window))
             (raw1_all if c == 1 else rawb_all).extend(raw_runs)
             r = merge(srv_runs)
@@ -278,7 +288,9 @@ def main() -> int:
                              "python": platform.python_version(), "loadavg": os.getloadavg()},
                     "model": "ResNet50v2 width 1 (untrained), 224 px, 10-class head",
                     "images": len(blobs), "duration_s_per_level": args.duration, "rounds": args.rounds,
-                    "server": env, "export": {"parity": export_report["parity"]},
+                    "server": {"env": env, "batching": server_info["batching"],
+                               "threads": server_info["threads"]},
+                    "raw_batch": args.raw_batch, "export": {"parity": export_report["parity"]},
                     "served_fp32": served}
     c1 = next((r for r in served if r["concurrency"] == 1), None)
     result["targets"] = {
@@ -294,8 +306,8 @@ def main() -> int:
         f = session(fp32, threads, spinning)
         rq, rf = [], []
         for _ in range(args.rounds):  # alternating again
-            rf.append(raw_throughput(f, crops, args.max_batch_size, window))
-            rq.append(raw_throughput(q, crops, args.max_batch_size, window))
+            rf.append(raw_throughput(f, crops, args.raw_batch, window))
+            rq.append(raw_throughput(q, crops, args.raw_batch, window))
         rq, rf = merge(rq), merge(rf)
         speed = rq["images_per_s"] / rf["images_per_s"]
         result["raw_int8"] = {"int8": rq, "fp32": rf, "speedup_vs_fp32": speed,

@@ -14,15 +14,16 @@ from s4l.service.pipeline import ServiceState
 _bearer = HTTPBearer(auto_error=False, description="the server's API key (S4L_API_KEY), when set")
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
     return request.app.state.s4l
 
 
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-def require_api_key(state: State,
-                    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+async def require_api_key(state: State,
+                          creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     key = state.settings.api_key
     if key is None:
         return

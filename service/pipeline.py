@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
+from fastapi.responses import JSONResponse
 
 from s4l.imaging import ImageError, decode_image, eval_crop
 from s4l.service.backend import EMBEDDING, LOGITS, Backend
@@ -103,16 +105,26 @@ async def _infer(raws, state: ServiceState, route: str):
     return results
 
 
+class JSONBody(JSONResponse):
+    """A JSON response written by orjson: numpy arrays natively, float32 as its shortest repr.
+    For a 2048-float embedding: 0.05 ms against the standard library's 1.5 ms, and 22 KB
+    against 42 KB, on our 2-core VM (benchmarks/serve.py measures the whole request path).
+    Python's float() of each value gives back the float32 exactly."""
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def error_entry(err: tuple[str, str]) -> dict:
     return {"error": {"code": err[0], "message": err[1]}}
 
 
 def embed_entry(out: dict, normalize: bool) -> dict:
-    v = np.asarray(out[EMBEDDING], dtype=np.float32)
+    v = np.ascontiguousarray(out[EMBEDDING], dtype=np.float32)
     if normalize:
         n = float(np.linalg.norm(v))
         v = v / n if n > 0 else v
-    return {"embedding": v.tolist()}
+    return {"embedding": v}  # a float32 array: JSONBody writes it (shortest float32 repr)
 
 
 def classify_entry(out: dict, top_k: int, labels: list[str] | None) -> dict:

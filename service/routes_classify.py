@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 
 from s4l.service.deps import ApiKey, State
 from s4l.service.errors import ApiError, error_responses
 from s4l.service.inputs import REQUEST_BODY, read_images
 from s4l.service.models import ClassifyResponse
-from s4l.service.pipeline import classify_entry, error_entry, infer
+from s4l.service.pipeline import JSONBody, classify_entry, error_entry, infer
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 
@@ -30,5 +29,5 @@ async def classify(request: Request, state: State,
     outs = await infer(raws, state, "/classify")
     results = [error_entry(o) if isinstance(o, tuple) else classify_entry(o, top_k, info.class_names)
                for o in outs]
-    return JSONResponse({"model": info.model_id, "num_classes": info.num_classes,
-                         "results": results})
+    return JSONBody({"model": info.model_id, "num_classes": info.num_classes,
+                     "results": results})

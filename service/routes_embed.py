@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 
 from s4l.service.deps import ApiKey, State
 from s4l.service.errors import error_responses
 from s4l.service.inputs import REQUEST_BODY, read_images
 from s4l.service.models import EmbedResponse
-from s4l.service.pipeline import embed_entry, error_entry, infer
+from s4l.service.pipeline import JSONBody, embed_entry, error_entry, infer
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 
@@ -26,5 +25,5 @@ async def embed(request: Request, state: State,
     outs = await infer(raws, state, "/embed")
     info = state.backend.info
     results = [error_entry(o) if isinstance(o, tuple) else embed_entry(o, normalize) for o in outs]
-    return JSONResponse({"model": info.model_id, "dim": info.embedding_dim,
-                         "normalized": normalize, "results": results})
+    return JSONBody({"model": info.model_id, "dim": info.embedding_dim,
+                     "normalized": normalize, "results": results})

@@ -371,3 +371,19 @@ def test_committed_openapi_matches_the_app():
 
     assert COMMITTED.read_text() == dumps(build_schema()), \
         "service/openapi.json is stale: run `python -m s4l.service.openapi_doc`"
+
+
+def test_embedding_json_round_trips_float32_exactly():
+    # The JSON writer prints each float32 by its shortest repr: parsing it back as a Python
+    # float and casting to float32 gives the very bits the backend produced.
+    backend = DummyBackend()
+    blob = jpeg_bytes(seed=11)
+
+    async def go():
+        async with Live(backend) as live:
+            return await live.client.post("/embed", files=files(blob))
+
+    r = run(go())
+    assert r.headers["content-type"] == "application/json"
+    got = np.array(r.json()["results"][0]["embedding"], dtype=np.float64).astype(np.float32)
+    np.testing.assert_array_equal(got, np.asarray(expected_embedding(backend, blob), dtype=np.float32))
