@@ -136,6 +136,9 @@ def test_int8_static_quantisation(ckpt, tmp_path):
     assert 0.5 < report["embedding_cosine_mean"] <= 1.0 + 1e-6
     proto = onnx.load(str(out))
     assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    # The pre-activation BNs became quantised depthwise convs: no float BN is left.
+    assert report["rewrites"]["batchnorm_to_depthwise_conv"] > 0
+    assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["s4l.quantization"] == "int8-qdq" and "s4l.preprocess" in meta
     fp32 = tmp_path / "q.fp32.onnx"
@@ -153,3 +156,59 @@ def test_int8_with_too_few_calibration_images(ckpt, tmp_path):
     with pytest.raises(UserError, match="need"):
         export_onnx(ckpt, tmp_path / "q.onnx", int8_calibration=str(data),
                     calibration_images=8, heldout_images=8)
+
+
+def test_batchnorm_to_depthwise_keeps_the_function(ckpt, tmp_path):
+    from s4l.service.quantize import batchnorm_to_depthwise
+
+    out = tmp_path / "m.onnx"
+    export_onnx(ckpt, out)
+    proto = onnx.load(str(out))
+    n_bn = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    assert n_bn > 0  # ResNet v2's pre-activation BNs cannot fold into a conv
+    assert batchnorm_to_depthwise(proto) == n_bn
+    assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    x = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    before = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    after = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x})
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _qdq_pad_graph(pad_value: float | None, q_scale: float = 0.05):
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(0.05 if q_scale == 0.05 else q_scale, np.float32), "s2"),
+             numpy_helper.from_array(np.array(37, np.uint8), "zp"),
+             numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads")]
+    pad_in = ["dq", "pads"]
+    if pad_value is not None:
+        inits.append(numpy_helper.from_array(np.array(pad_value, np.float32), "v"))
+        pad_in.append("v")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"]),
+             helper.make_node("Pad", pad_in, ["p"], mode="constant"),
+             helper.make_node("QuantizeLinear", ["p", "s2", "zp"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s2", "zp"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("pad_value, q_scale, rewritten", [(None, 0.05, 1), (0.0, 0.05, 1),
+                                                           (1.0, 0.05, 0), (None, 0.1, 0)])
+def test_pad_in_uint8_is_exact_and_only_where_it_may(pad_value, q_scale, rewritten):
+    from s4l.service.quantize import pad_in_uint8
+
+    model = _qdq_pad_graph(pad_value, q_scale)
+    x = np.random.default_rng(0).normal(0, 1, (1, 2, 3, 3)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert pad_in_uint8(model) == rewritten
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("DequantizeLinear") == (1 if rewritten else 2)
+    onnx.checker.check_model(model)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(after[0], before[0])
+    assert after[0].shape == (1, 2, 6, 6)
