@@ -96,7 +96,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, heldout: n
 # and onnxruntime's quantiser leaves a standalone BatchNormalization in float. The int8 graph then
 # leaves onnxruntime's NHWC int8 kernels around every such BN (DequantizeLinear, a Transpose each
 # way, float BN, QuantizeLinear), and the stem's zero Pad before the max-pool runs in float too.
-# On ResNet50v2 at 224 px, batch 16, 2 CPU cores, those took ~45% of the int8 model's time
+# On ResNet50v2 at 224 px, batch 16, 2 CPU cores, those took ~40% of the int8 model's time
 # (onnxruntime's profiler: 369 ms per batch, 225 ms after the first rewrite, 219 after both;
 # benchmarks/serve.py --int8 measures the effect on throughput).
 
