@@ -75,7 +75,8 @@ KNOWN: dict[str, Known] = {
         reference="scikit-learn L-BFGS's time to fit (the ratio is the SGD variant's time to reach "
                   "its top-1 minus 1 point; < 1 = faster; null = not reached)"),
     "serve": Known(
-        quick=("--duration", "4", "--rounds", "1", "--concurrency", "1,8", "--images", "16"),
+        quick=("--duration", "4", "--rounds", "1", "--concurrency", "1,8", "--images", "16",
+               "--stall-seconds", "2"),
         full=("--int8", "--duration", "10"),
         reference="the raw onnxruntime session on the same crops, in alternating windows "
                   "(targets: >= 0.85x raw throughput at concurrency >= 8, p99 <= 1.3x raw p50 at 1)"),

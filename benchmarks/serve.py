@@ -6,6 +6,9 @@ Imagenette 224 px JPEGs from ../shared/data. For each client concurrency (1, 8, 
 the raw onnxruntime session on the same images' crops, measured in this run with the same thread
 count: batch 1 latency (for p99 at concurrency 1) and the best batched throughput.
 With --int8, also the int8 export's raw images/s and top-1 agreement vs fp32.
+First, for --stall-seconds, one spinning process per CPU records how often the CPU is taken away
+(a VM's hypervisor, the kernel): an inference spread over all cores waits for the slowest, so
+those stalls put a floor under the p99 of a single raw inference, and of any server.
 
     .venv/bin/python benchmarks/serve.py --duration 10 [--int8] [--out benchmarks/results/serve.json]
 """
@@ -13,8 +16,10 @@ With --int8, also the int8 export's raw images/s and top-1 agreement vs fp32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import sys
@@ -142,6 +147,44 @@ def single_windows(sess, url: str, crops: np.ndarray, blobs: list[bytes], second
     return [stats(raw, batch=1, calls=len(raw))], [stats(served, concurrency=1, requests=len(served), errors=0)]
 
 
+def _stall_meter(cpu: int, seconds: float, queue) -> None:
+    """Spin on one CPU and record every gap over 1 ms between two clock reads: time the CPU was
+    taken away (by the hypervisor, the kernel or another process)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(0, {cpu})
+    clock, gaps = time.perf_counter, []
+    last = clock()
+    end = last + seconds
+    while last < end:
+        t = clock()
+        if t - last > 1e-3:
+            gaps.append(t - last)
+        last = t
+    queue.put((cpu, gaps))
+
+
+def cpu_stalls(seconds: float) -> dict:
+    """Per usable CPU, how often it was taken away for > 1 / 5 / 20 ms while every CPU was busy.
+    A single inference spread over all cores waits for the slowest one, so these stalls set a
+    floor under its p99 that no server can go below."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    procs = [ctx.Process(target=_stall_meter, args=(c, seconds, queue)) for c in cpus]
+    for p in procs:
+        p.start()
+    found = dict(queue.get(timeout=seconds + 120) for _ in procs)
+    for p in procs:
+        p.join()
+    per_cpu = []
+    for c in cpus:
+        g = np.array(found[c])
+        per_cpu.append({"cpu": c, "gaps_over_1ms": int(len(g)), "over_5ms": int((g > 5e-3).sum()),
+                        "over_20ms": int((g > 20e-3).sum()), "max_ms": 1e3 * float(g.max(initial=0.0)),
+                        "lost_fraction": float(g.sum()) / seconds})
+    return {"seconds": seconds, "per_cpu": per_cpu}
+
+
 def merge(runs: list[dict]) -> dict:
     """Pool alternating windows: total images over total time; latency stats over all samples."""
     total_s = sum(r["_wall"] for r in runs)
@@ -223,6 +266,8 @@ def main() -> int:
                     help="batch size of the raw session's throughput reference")
     ap.add_argument("--server-env", action="append", default=[], metavar="S4L_X=V",
                     help="extra server settings, e.g. S4L_ORT_SPINNING=true")
+    ap.add_argument("--stall-seconds", type=float, default=10.0,
+                    help="first measure for this long how often each CPU is taken away (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--reuse", action="store_true", help="reuse the export already in --workdir")
@@ -263,6 +308,10 @@ def main() -> int:
         env["S4L_MAX_WAIT_MS"] = str(args.max_wait_ms)
     env.update(extra_env)
     levels = [int(c) for c in args.concurrency.split(",")]
+    stalls = cpu_stalls(args.stall_seconds) if args.stall_seconds > 0 else None
+    if stalls:
+        log.info("CPU stalls in %.0f s: %s", stalls["seconds"], "; ".join(
+            f"cpu{c['cpu']} {c['over_5ms']} over 5 ms, max {c['max_ms']:.1f} ms" for c in stalls["per_cpu"]))
     window = args.duration / args.rounds
     served, raw1_all, rawb_all = [], [], []
     with ServerProcess(fp32, env=env, log=workdir / "server.log") as srv:
@@ -300,6 +349,7 @@ def main() -> int:
                     "server": {"env": env, "batching": server_info["batching"],
                                "threads": server_info["threads"]},
                     "raw_batch": args.raw_batch, "export": {"parity": export_report["parity"]},
+                    "cpu_stalls": stalls,
                     "served_fp32": served}
     c1 = next((r for r in served if r["concurrency"] == 1), None)
     result["targets"] = {
