@@ -8,7 +8,8 @@ count: batch 1 latency (for p99 at concurrency 1) and the best batched throughpu
 With --int8, also the int8 export's raw images/s and top-1 agreement vs fp32.
 First, for --stall-seconds, one spinning process per CPU records how often the CPU is taken away
 (a VM's hypervisor, the kernel): an inference spread over all cores waits for the slowest, so
-those stalls put a floor under the p99 of a single raw inference, and of any server.
+such stalls reach the p99 of a single raw inference and of any server; the JSON keeps them so a
+noisy machine can be told from a slow server.
 
     .venv/bin/python benchmarks/serve.py --duration 10 [--int8] [--out benchmarks/results/serve.json]
 """
@@ -165,8 +166,8 @@ def _stall_meter(cpu: int, seconds: float, queue) -> None:
 
 def cpu_stalls(seconds: float) -> dict:
     """Per usable CPU, how often it was taken away for > 1 / 5 / 20 ms while every CPU was busy.
-    A single inference spread over all cores waits for the slowest one, so these stalls set a
-    floor under its p99 that no server can go below."""
+    A single inference spread over all cores waits for the slowest one, so these stalls reach its
+    p99 whatever the server does."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))

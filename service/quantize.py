@@ -109,18 +109,18 @@ def batchnorm_to_depthwise(model) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+    constant = _constants(graph)
     ranks = _ranks(model)
     nodes, replaced = [], 0
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        params = [constant(x) for x in node.input[1:5]]
         if (node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx")
                 or len(node.output) != 1 or attrs.get("training_mode", 0)
-                or ranks.get(node.input[0]) != 4 or not all(x in inits for x in node.input[1:5])):
+                or ranks.get(node.input[0]) != 4 or any(p is None for p in params)):
             nodes.append(node)
             continue
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[x]).astype(np.float64)
-                                  for x in node.input[1:5])
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
         scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
         shift = beta - mean * scale
         w_name, b_name = f"{node.output[0]}__dw_weight", f"{node.output[0]}__dw_bias"
@@ -142,11 +142,10 @@ def pad_in_uint8(model) -> int:
     """Rewrite DequantizeLinear -> Pad(constant 0) -> QuantizeLinear with one scale and zero
     point as a Pad of the quantised tensor with the zero point: exactly the same values, since
     quantize(0) is the zero point and quantize(dequantize(q)) is q. In place; returns the count."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     nodes = list(graph.node)
-    inits = {t.name: t for t in graph.initializer}
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     consumers: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
@@ -154,8 +153,7 @@ def pad_in_uint8(model) -> int:
             consumers.setdefault(x, []).append(i)
     outputs = {o.name for o in graph.output}
 
-    def const(name):
-        return numpy_helper.to_array(inits[name]) if name in inits else None
+    const = _constants(graph)
 
     def qparams(node):  # (scale, zero point) of a Q/DQ node, when both are constants
         scale = const(node.input[1])
@@ -194,6 +192,31 @@ def pad_in_uint8(model) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     return len(replace)
+
+
+def _constants(graph):
+    """name -> numpy value when the tensor is a constant: an initializer, a Constant node, or
+    either behind Identity nodes (torch's exporter and onnxruntime 1.30's pre-processing route
+    de-duplicated weights through Identity); None otherwise."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def value(name: str, depth: int = 0):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producer.get(name)
+        if node is None or depth > 16:
+            return None
+        if node.op_type == "Identity":
+            return value(node.input[0], depth + 1)
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(helper.get_attribute_value(a))
+        return None
+    return value
 
 
 def _ranks(model) -> dict[str, int]:

@@ -212,3 +212,31 @@ def test_pad_in_uint8_is_exact_and_only_where_it_may(pad_value, q_scale, rewritt
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(after[0], before[0])
     assert after[0].shape == (1, 2, 6, 6)
+
+
+def test_batchnorm_to_depthwise_finds_parameters_behind_identity_and_constant_nodes():
+    # torch's exporter and onnxruntime 1.30's pre-processing hand de-duplicated weights to a BN
+    # through Identity nodes; a Constant node is the other way a constant can arrive.
+    from onnx import TensorProto, helper, numpy_helper
+
+    from s4l.service.quantize import batchnorm_to_depthwise
+
+    rng = np.random.default_rng(0)
+    c = 3
+    gamma, beta = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.normal(0, 0.2, c).astype(np.float32)
+    mean, var = rng.normal(0, 0.2, c).astype(np.float32), rng.uniform(0.5, 1.5, c).astype(np.float32)
+    nodes = [helper.make_node("Identity", ["g0"], ["g"]),
+             helper.make_node("Identity", ["b0"], ["b1"]), helper.make_node("Identity", ["b1"], ["b"]),
+             helper.make_node("Constant", [], ["m"], value=numpy_helper.from_array(mean)),
+             helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], epsilon=1e-3)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, c, 4, 4])],
+                          [numpy_helper.from_array(gamma, "g0"), numpy_helper.from_array(beta, "b0"),
+                           numpy_helper.from_array(var, "v")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(0, 1, (2, c, 4, 4)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert batchnorm_to_depthwise(model) == 1
+    assert "BatchNormalization" not in [n.op_type for n in model.graph.node]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-6)
