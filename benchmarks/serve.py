@@ -253,7 +253,9 @@ def drive(url: str, blobs: list[bytes], concurrency: int, seconds: float) -> dic
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per level (raw and served each)")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating raw/served windows per level")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="alternating raw/served windows per level (this machine has slow spells of "
+                         "several seconds: short windows spread them over both sides)")
     ap.add_argument("--images", type=int, default=64, help="Imagenette val images to cycle through")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--int8", action="store_true", help="also export and measure the int8 model")
@@ -330,6 +332,9 @@ def main() -> int:
             raw_ref = merge(raw_runs)
             r["raw_reference"] = raw_ref
             r["ratio_vs_raw"] = r["images_per_s"] / raw_ref["images_per_s"]
+            if c > 1:  # each served window against the raw window just before it
+                r["window_ratios"] = [round(sv["_n"] / sv["_wall"] / (rw["_n"] / rw["_wall"]), 3)
+                                      for rw, sv in zip(raw_runs, srv_runs)]
             if c == 1:
                 r["p99_over_raw_single_p50"] = r["p99_ms"] / raw_ref["p50_ms"]
                 # The machine's own jitter shows in the raw p99 too; this ratio separates it out.
