@@ -340,7 +340,7 @@ def main() -> int:
                 # The machine's own jitter shows in the raw p99 too; this ratio separates it out.
                 r["p99_over_raw_single_p99"] = r["p99_ms"] / raw_ref["p99_ms"]
                 r["p50_over_raw_single_p50"] = r["p50_ms"] / raw_ref["p50_ms"]
-                # The bare session's own tail on this machine: a floor for the first ratio.
+                # The bare session's own tail on this machine, to read the first ratio against.
                 r["raw_single_p99_over_p50"] = raw_ref["p99_ms"] / raw_ref["p50_ms"]
             served.append(r)
             log.info("c=%d: %.2f img/s (%.2fx raw %s at batch %d), p50 %.1f ms, p99 %.1f ms, errors %d",

@@ -96,6 +96,9 @@ async def _infer(raws, state: ServiceState, route: str):
     for i, out in zip(good, outs):
         if isinstance(out, BaseException):
             results[i] = ("inference_failed", f"model call failed: {type(out).__name__}")
+        elif not all(np.isfinite(v).all() for v in out.values()):
+            # JSON has no NaN; a null in an embedding would pass silently as a number's absence.
+            results[i] = ("non_finite_output", "the model produced NaN or infinite values for this image")
         else:
             results[i] = out
     n_err = sum(1 for r in results if isinstance(r, tuple))

@@ -387,3 +387,28 @@ def test_embedding_json_round_trips_float32_exactly():
     assert r.headers["content-type"] == "application/json"
     got = np.array(r.json()["results"][0]["embedding"], dtype=np.float64).astype(np.float32)
     np.testing.assert_array_equal(got, np.asarray(expected_embedding(backend, blob), dtype=np.float32))
+
+
+def test_non_finite_model_output_is_that_image_s_error():
+    # orjson would write NaN as null; the server reports the image instead of sending nulls.
+    class NaNOnWhite(DummyBackend):
+        def _compute(self, images):
+            out = super()._compute(images)
+            white = images.reshape(len(images), -1).min(1) == 255
+            out["embedding"][white] = np.nan
+            return out
+
+    backend = NaNOnWhite()
+    white = io.BytesIO()
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(white, "PNG")
+
+    async def go():
+        async with Live(backend) as live:
+            r = await live.client.post("/embed", files=files(jpeg_bytes(), white.getvalue()))
+            return r, await live.client.get("/healthz")
+
+    r, health = run(go())
+    res = r.json()["results"]
+    assert r.status_code == 200 and health.status_code == 200
+    np.testing.assert_allclose(res[0]["embedding"], expected_embedding(backend, jpeg_bytes()), rtol=1e-6)
+    assert res[1]["error"]["code"] == "non_finite_output"
