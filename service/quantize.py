@@ -113,10 +113,12 @@ def batchnorm_to_depthwise(model) -> int:
     ranks = _ranks(model)
     nodes, replaced = [], 0
     for node in graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         params = [constant(x) for x in node.input[1:5]]
-        if (node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx")
-                or len(node.output) != 1 or attrs.get("training_mode", 0)
+        if (len(node.output) != 1 or attrs.get("training_mode", 0)
                 or ranks.get(node.input[0]) != 4 or any(p is None for p in params)):
             nodes.append(node)
             continue

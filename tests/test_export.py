@@ -180,7 +180,7 @@ def _qdq_pad_graph(pad_value: float | None, q_scale: float = 0.05):
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
-             numpy_helper.from_array(np.array(0.05 if q_scale == 0.05 else q_scale, np.float32), "s2"),
+             numpy_helper.from_array(np.array(q_scale, np.float32), "s2"),
              numpy_helper.from_array(np.array(37, np.uint8), "zp"),
              numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads")]
     pad_in = ["dq", "pads"]
