@@ -14,7 +14,7 @@ from s4l.training import config as C
 from s4l.training.checkpoint import read_checkpoint
 from s4l.training.ema import EMA, ema_decay
 from s4l.training.model import ModelSpec, build_model
-from s4l.training.objectives import build_objective
+from s4l.training.objectives import OBJECTIVES, build_objective
 from s4l.training.presets import get_preset
 from s4l.training.schedule import StepSchedule
 from s4l.training.trainer import (
@@ -110,6 +110,11 @@ def test_run_writes_config_metrics_tensorboard_and_reports_both_rotation_evals(t
     tr = [r for r in recs if r["kind"] == "train"]
     assert tr[0]["lr"] == 0.0 and tr[1]["lr"] > 0.0  # warmup from 0
     assert {"loss", "loss_class", "loss_rotation", "acc_rotation", "images_per_s"} <= set(tr[0])
+    # The logged rate counts every forwarded image, the 4 on-device rotations included (it
+    # used to leave them out and read 4x low for the rotation family).
+    per_step = OBJECTIVES[cfg.objective.name].forwarded_per_step(
+        cfg.optim.batch_size, cfg.optim.unsup_batch_mult)[0]
+    assert tr[0]["images_per_step"] == per_step
     assert json.loads((tmp_path / "final_metrics.json").read_text())["step"] == 3
     assert list((tmp_path / "tb").iterdir())
 

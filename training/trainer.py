@@ -233,8 +233,10 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
     sums: dict[str, torch.Tensor] = {}
     n_sums = 0
     t_last, img_last = time.perf_counter(), 0
+    # Every image through forward + backward: data copies (exemplar) AND on-device rotations
+    # (the rotation family), as Objective.forwarded_per_step counts them.
     images_per_step = (plan.labelled_per_shard + plan.unlabelled_per_shard) * \
-        plan.shards_per_process * env.world_size * objective.copies
+        plan.shards_per_process * env.world_size * objective.copies * objective.device_rotations
     bar = _progress(progress and env.is_main, plan.total_steps, step, cfg.preset)
     try:
         while step < plan.total_steps:
@@ -265,6 +267,7 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
                 now = time.perf_counter()
                 rec = {k: float(v) for k, v in avg.items()}
                 rec.update(step=step, epoch=step / plan.steps_per_epoch, lr=lr,
+                           images_per_step=images_per_step,
                            images_per_s=img_last / max(now - t_last, 1e-9))
                 writer.write("train", rec)
                 if bar is not None:
