@@ -263,3 +263,48 @@ def test_rotate4_and_hsv_on_cuda():
     params = torch.stack([T.HSVNoise.sample(np.random.default_rng(s)).as_tensor() for s in range(4)])
     torch.testing.assert_close(T.apply_deferred_hsv(x.cuda(), params.cuda()).cpu(),
                                T.apply_deferred_hsv(x, params), atol=1e-4, rtol=0)
+
+
+def test_pad_crop_is_a_translation_of_the_reflect_padded_image():
+    import numpy as np
+    import torch
+
+    from s4l.training.transforms import TrainTransform, pad_crop
+
+    img = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    padded = np.pad(img, ((4, 4), (4, 4), (0, 0)), mode="reflect").astype(np.float32)
+    seen = set()
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        x = pad_crop(img, 32, 4, rng)
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        # Find the window: it must be one of the 9x9 translations, exactly.
+        hits = [(t, c) for t in range(9) for c in range(9)
+                if np.array_equal(padded[t:t + 32, c:c + 32].transpose(2, 0, 1), x.numpy())]
+        assert hits, seed
+        seen.add(hits[0])
+    assert len(seen) > 10  # the offsets really vary
+    # Zero padding: the image itself.
+    assert np.array_equal(pad_crop(img, 32, 0, np.random.default_rng(1)).numpy(),
+                          img.transpose(2, 0, 1).astype(np.float32))
+    t = TrainTransform(size=32, crop="pad-crop", pad=4, copies=2)
+    out = t(img, np.random.default_rng(3))
+    assert out.shape == (2, 3, 32, 32) and out.min() >= -1.0 and out.max() <= 1.0
+    with pytest.raises(ValueError, match="crop must be one of"):
+        TrainTransform(crop="random")
+
+
+def test_augment_config_is_validated_and_default_keeps_the_old_hash():
+    from s4l.errors import UserError
+    from s4l.training import config as C
+    from s4l.training.presets import get_preset
+
+    cfg = get_preset("supervised-10pct-smoke").config
+    old = {k: v for k, v in C.flatten(C.to_dict(cfg)).items()
+           if k not in ("data.augment", "data.pad_crop")}
+    assert C.semantic_dict(cfg) == {k: v for k, v in old.items() if k not in C.EXECUTION_ONLY}
+    pc = C.apply_overrides(cfg, ["data.augment=pad-crop"])
+    assert C.config_hash(pc) != C.config_hash(cfg)
+    C.validate(pc)
+    with pytest.raises(UserError, match="data.augment"):
+        C.validate(C.apply_overrides(cfg, ["data.augment=autoaugment"]))

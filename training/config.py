@@ -45,6 +45,10 @@ class DataConfig:
       (paper Fig. 3: 1 per class selects models as well as the 50k held-out split).
     pseudo_labels: a file from `s4l pseudo-label`; the student trains on ALL images with
       these hard labels (ground truth where the image is labelled).
+    augment: the training crop. "inception" is the release's (area crop_min_area..1, then
+      resize, flip); "pad-crop" is the CIFAR benchmarks' (Oliver et al. 2018, FixMatch):
+      reflect-pad by pad_crop pixels, random image_size window, flip. A departure from the
+      release, for 32 px images, where a 5%-area inception crop leaves ~7x7 pixels.
     """
 
     root: str = ""
@@ -53,6 +57,8 @@ class DataConfig:
     image_size: int = 224
     eval_resize: int = 256
     crop_min_area: float = 0.05
+    augment: str = "inception"
+    pad_crop: int = 4
     hsv_noise: bool = False
     labels: str | None = None
     labels_per_class: int | None = None
@@ -206,6 +212,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(
             f"need 8 <= data.image_size <= data.eval_resize, got {d.image_size}, {d.eval_resize}"
         )
+    if d.augment not in ("inception", "pad-crop"):
+        raise UserError(f"data.augment must be 'inception' (the release's crop) or 'pad-crop' "
+                        f"(the CIFAR benchmarks' reflect-pad + random crop), got {d.augment!r}")
+    if d.pad_crop < 0 or d.pad_crop > d.image_size:
+        raise UserError(f"data.pad_crop must be in [0, data.image_size], got {d.pad_crop}")
     if d.val_per_class < 0 or d.workers < 0:
         raise UserError("data.val_per_class and data.workers must be >= 0")
     if o.batch_size < 1 or o.unsup_batch_mult < 0:
@@ -408,10 +419,17 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Fields added after runs were recorded, with their defaults: at the default they are left out
+# of the hash, so a config written before the field existed keeps its hash (and its checkpoint
+# resumes); any other value is part of the run's identity.
+ADDED_FIELDS: dict[str, Any] = {"data.augment": "inception", "data.pad_crop": 4}
+
+
 def semantic_dict(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The flattened config without execution-only fields (what a resume must match)."""
     d = to_dict(cfg) if isinstance(cfg, TrainConfig) else dict(cfg)
-    return {k: v for k, v in flatten(d).items() if k not in EXECUTION_ONLY}
+    return {k: v for k, v in flatten(d).items()
+            if k not in EXECUTION_ONLY and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 
 
 def config_hash(cfg: TrainConfig | Mapping[str, Any]) -> str:

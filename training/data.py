@@ -337,7 +337,8 @@ class TrainData:
 def make_train_loaders(source, labelled: Sequence[int], unlabelled: Sequence[int] | None = None,
                        *, batch_size: int, unsup_batch_size: int = 0, image_size: int = 224,
                        copies: int = 1, hsv_noise: bool = False,
-                       crop_min_area: float = AREA_RANGE[0], seed: int = 0, rank: int = 0,
+                       crop_min_area: float = AREA_RANGE[0], augment: str = "inception",
+                       pad: int = 4, seed: int = 0, rank: int = 0,
                        world_size: int = 1, workers: int = 4, pin_memory: bool | None = None,
                        labels: Sequence[int] | np.ndarray | None = None,
                        hsv_on_device: bool = False,
@@ -356,7 +357,7 @@ def make_train_loaders(source, labelled: Sequence[int], unlabelled: Sequence[int
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     transform = TrainTransform(size=image_size, copies=copies, hsv_noise=hsv_noise,
-                               area_range=(crop_min_area, 1.0),
+                               area_range=(crop_min_area, 1.0), crop=augment, pad=pad,
                                defer_hsv=hsv_noise and hsv_on_device)
     lab_ds = TrainDataset(source, labelled, transform, seed=seed, stream=LABELLED,
                           labels=labels, max_skips=max_skips)

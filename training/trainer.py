@@ -342,7 +342,8 @@ class _Data:
 
         d, o = self.cfg.data, self.cfg.optim
         common = dict(image_size=d.image_size, copies=objective.copies, hsv_noise=d.hsv_noise,
-                      crop_min_area=d.crop_min_area, seed=self.cfg.seed, rank=env.rank,
+                      crop_min_area=d.crop_min_area, augment=d.augment, pad=d.pad_crop,
+                      seed=self.cfg.seed, rank=env.rank,
                       world_size=env.world_size, workers=d.workers)
         if objective.uses_labelled:
             data = make_train_loaders(

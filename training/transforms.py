@@ -41,6 +41,9 @@ ASPECT_RANGE = (0.75, 1.33)
 MIN_OBJECT_COVERED = 0.1
 MAX_ATTEMPTS = 100
 
+# Training crops: the release's inception crop, or the CIFAR benchmarks' pad-and-crop.
+CROPS = ("inception", "pad-crop")
+
 # The release's hsvnoise defaults.
 HSV_HUE_ADD = (-0.1, 0.1)
 HSV_SV_POW = (-2.0, 2.0)
@@ -165,6 +168,22 @@ def inception_crop(img: Image.Image | np.ndarray, size: int | tuple[int, int],
     crop = crop.permute(2, 0, 1).contiguous()
     out_hw = (size, size) if isinstance(size, int) else tuple(size)
     return resize_bilinear(crop, out_hw, half_pixel_centers=half_pixel_centers).contiguous()
+
+
+def pad_crop(img: Image.Image | np.ndarray, size: int, pad: int,
+             rng: np.random.Generator) -> torch.Tensor:
+    """The CIFAR benchmarks' crop (Oliver et al. 2018, FixMatch, USB): resize to `size` if
+    needed, reflect-pad by `pad` pixels, take a random `size` x `size` window (a translation of up
+    to `pad` pixels): float `[3, size, size]` in [0, 255]. NOT the release's preprocessing; the
+    config field `data.augment = "pad-crop"` selects it."""
+    arr = _as_hwc_uint8(img)
+    if arr.shape[0] != size or arr.shape[1] != size:
+        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
+    if pad > 0:
+        arr = np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    top, left = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+    crop = np.array(arr[top:top + size, left:left + size], dtype=np.float32)
+    return torch.from_numpy(crop).permute(2, 0, 1).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +348,14 @@ class TrainTransform:
     max_attempts: int = MAX_ATTEMPTS
     half_pixel_centers: bool = False
     defer_hsv: bool = False
+    crop: str = "inception"   # or "pad-crop" (pad_crop: the CIFAR benchmarks' crop)
+    pad: int = 4
 
     def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        if self.pad < 0:
+            raise ValueError(f"pad must be >= 0, got {self.pad}")
         if self.size < 1 or self.copies < 1:
             raise ValueError(f"need size >= 1 and copies >= 1, got {self.size}, {self.copies}")
         if not 0 < self.area_range[0] <= self.area_range[1] <= 1:
@@ -344,11 +369,14 @@ class TrainTransform:
         arr = _as_hwc_uint8(img)
         out, params = [], []
         for _ in range(self.copies):
-            x = inception_crop(arr, self.size, rng, area_range=self.area_range,
-                               aspect_range=self.aspect_range,
-                               min_object_covered=self.min_object_covered,
-                               max_attempts=self.max_attempts,
-                               half_pixel_centers=self.half_pixel_centers)
+            if self.crop == "pad-crop":
+                x = pad_crop(arr, self.size, self.pad, rng)
+            else:
+                x = inception_crop(arr, self.size, rng, area_range=self.area_range,
+                                   aspect_range=self.aspect_range,
+                                   min_object_covered=self.min_object_covered,
+                                   max_attempts=self.max_attempts,
+                                   half_pixel_centers=self.half_pixel_centers)
             if self.flip and rng.random() < 0.5:
                 x = x.flip(-1)
             if self.hsv_noise:
