@@ -1,0 +1,146 @@
+"""Head artifacts (s4l.heads): probe -> file -> checked load; the kNN evaluation; bad files."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from test_probe import blobs, write_features
+
+from s4l.errors import UserError
+from s4l.evaluation.features import FeatureFile
+from s4l.evaluation.probe import ArrayRows, ProbeSettings, Schedule, knn_evaluate
+from s4l.heads import Head, check, load_head, parse_head_spec, save_head
+
+
+def _head(c=3, d=4, **kw) -> Head:
+    rng = np.random.default_rng(0)
+    return Head(weight=rng.normal(size=(c, d)).astype(np.float32), bias=rng.normal(size=c).astype(np.float32),
+                class_names=tuple(f"k{i}" for i in range(c)), model_hash=kw.pop("model_hash", "abc123"), **kw)
+
+
+def test_probe_writes_heads_that_reproduce_its_scores(tmp_path):
+    from s4l.evaluation.report import probe_files
+
+    tx, ty = blobs(900, seed=1)
+    vx, vy = blobs(300, seed=2)
+    names = [f"c{i}" for i in range(6)]
+    t = write_features(tmp_path / "t.h5", tx, ty, classes=names, model="hashA")
+    v = write_features(tmp_path / "v.h5", vx, vy, classes=names, model="hashA")
+    rep = probe_files([t], [v], tmp_path / "o", ProbeSettings(schedules={"short": Schedule(3, ())},
+                      cs=(0.1,)), progress=False)
+    r = rep["results"][0]
+    assert set(r["heads"]) == {"sklearn", "sgd-short"}
+    json.loads((tmp_path / "o" / "report.json").read_text())  # still plain JSON
+    for solver, path in r["heads"].items():
+        h = load_head(path)
+        assert h.class_names == tuple(names) and h.model_hash == "hashA" and h.layer == "pre_logits"
+        assert h.solver == solver and h.provenance["s4l_version"]
+        # Applied to RAW validation features, the head gives the accuracy the probe reported.
+        pred = h.apply(vx).argmax(1)
+        top1 = 100 * (pred == vy).mean()
+        want = r["sklearn"] if solver == "sklearn" else r["sgd"]["short"]
+        assert top1 == pytest.approx(want["top1"], abs=0.34), solver  # one image of 300
+        assert h.metrics["top1"] == want["top1"]
+    # The sklearn head's probabilities equal scikit-learn's on standardised features.
+    from sklearn.linear_model import LogisticRegression
+
+    mean, std = tx.mean(0), tx.std(0)
+    clf = LogisticRegression(C=0.1, max_iter=1000, tol=1e-6).fit((tx - mean) / std, ty)
+    logits = load_head(r["heads"]["sklearn"]).apply(vx).astype(np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(p, clf.predict_proba((vx - mean) / std), atol=2e-3)
+    assert "knn" in r and 0 < r["knn"]["top1"] <= 100 and r["knn"]["k"] == 20
+
+
+def test_knn_streamed_equals_brute_force():
+    tx, ty = blobs(500, seed=3)
+    vx, vy = blobs(120, seed=4)
+    got = knn_evaluate(ArrayRows(tx, ty), ArrayRows(vx, vy), num_classes=6, k=20, temperature=0.07,
+                       val_block=50)
+    # Brute force over the full similarity matrix.
+    tn = tx / np.linalg.norm(tx, axis=1, keepdims=True)
+    vn = vx / np.linalg.norm(vx, axis=1, keepdims=True)
+    sims = vn @ tn.T
+    idx = np.argsort(-sims, 1)[:, :20]
+    votes = np.zeros((len(vx), 6))
+    for i in range(len(vx)):
+        for j in idx[i]:
+            votes[i, ty[j]] += np.exp(sims[i, j] / 0.07)
+    top1 = 100 * (votes.argmax(1) == vy).mean()
+    assert got["top1"] == pytest.approx(top1)
+    assert 30 < got["top1"] < 100  # a real, imperfect classifier
+
+
+def test_knn_blocks_smaller_than_k(tmp_path, monkeypatch):
+    from s4l.evaluation import features as F
+    from s4l.evaluation.probe import FileRows
+
+    monkeypatch.setattr(F, "CHUNK_BYTES", 512)  # 16-row blocks, fewer than k = 20
+    tx, ty = blobs(200, seed=5)
+    vx, vy = blobs(60, seed=6)
+    t = write_features(tmp_path / "t.h5", tx, ty)
+    with FeatureFile(t) as tf:
+        streamed = knn_evaluate(FileRows(tf), ArrayRows(vx, vy), num_classes=6)
+    assert streamed["top1"] == knn_evaluate(ArrayRows(tx, ty), ArrayRows(vx, vy), num_classes=6)["top1"]
+
+
+def test_head_round_trip_and_checks(tmp_path):
+    h = _head(preprocess={"crop": 32}, metrics={"top1": 50.0})
+    p = save_head(tmp_path / "h.npz", h)
+    g = load_head(p)
+    np.testing.assert_array_equal(g.weight, h.weight)
+    np.testing.assert_array_equal(g.bias, h.bias)
+    assert g.metrics == {"top1": 50.0} and g.class_names == h.class_names
+    with np.load(p, allow_pickle=False) as z:  # no pickled objects anywhere
+        assert {z[k].dtype.kind for k in z.files} <= {"f", "u"}
+    check(g, model_dim=4, model_hash="abc123", layer="embedding")  # alias of pre_logits
+    with pytest.raises(UserError, match="4-d features but the model's embedding is 8-d"):
+        check(g, model_dim=8, model_hash="abc123")
+    with pytest.raises(UserError, match="features of model"):
+        check(g, model_dim=4, model_hash="other")
+    with pytest.raises(UserError, match="layer"):
+        check(g, model_dim=4, model_hash="abc123", layer="block3")
+    assert parse_head_spec("places=/x/y.npz") == ("places", "/x/y.npz")
+    for bad in ("noequals", "=p", "a b=p"):
+        with pytest.raises(UserError):
+            parse_head_spec(bad)
+
+
+def test_bad_head_files_are_refused_with_one_line(tmp_path):
+    p = save_head(tmp_path / "h.npz", _head())
+    data = p.read_bytes()
+    cases = {}
+    (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])
+    cases["trunc.npz"] = "unreadable or truncated"
+    (tmp_path / "empty.npz").write_bytes(b"")
+    cases["empty.npz"] = "unreadable or truncated"
+    cases["missing.npz"] = "cannot read"
+    # Hand-edited weights: same shape, one number changed, metadata untouched.
+    with np.load(p) as z:
+        w, b, m = z["weight"].copy(), z["bias"], z["meta"]
+    w[0, 0] += 1
+    np.savez(tmp_path / "edited.npz", weight=w, bias=b, meta=m)
+    cases["edited.npz"] = "sha256"
+    np.savez(tmp_path / "nometa.npz", weight=w, bias=b)
+    cases["nometa.npz"] = "missing"
+    np.savez(tmp_path / "badjson.npz", weight=w, bias=b, meta=np.frombuffer(b"{nope", np.uint8))
+    cases["badjson.npz"] = "not valid JSON"
+    with zipfile.ZipFile(tmp_path / "pickled.npz", "w") as z:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        z.writestr("weight.npy", buf.getvalue())
+        z.writestr("bias.npy", buf.getvalue())
+        z.writestr("meta.npy", buf.getvalue())
+    cases["pickled.npz"] = "unreadable"
+    for name, msg in cases.items():
+        with pytest.raises(UserError, match=msg) as e:
+            load_head(tmp_path / name)
+        assert "\n" not in str(e.value), name
+    with pytest.raises(UserError, match="limit"):
+        load_head(p, max_bytes=100)
