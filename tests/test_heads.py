@@ -144,3 +144,60 @@ def test_bad_head_files_are_refused_with_one_line(tmp_path):
         assert "\n" not in str(e.value), name
     with pytest.raises(UserError, match="limit"):
         load_head(p, max_bytes=100)
+
+
+def test_heads_setting_from_environment(monkeypatch):
+    from s4l.service.settings import Settings
+
+    monkeypatch.setenv("S4L_HEADS", "a=/x/a.npz, b=/y/b.npz")
+    assert Settings().heads == ("a=/x/a.npz", "b=/y/b.npz")
+    monkeypatch.setenv("S4L_HEADS", '["a=/x,1.npz"]')  # JSON for paths with commas
+    assert Settings().heads == ("a=/x,1.npz",)
+    monkeypatch.delenv("S4L_HEADS")
+    assert Settings().heads == ()
+    assert Settings(heads=("c=p",)).heads == ("c=p",)
+
+
+def test_registry_defaults_and_dummy_app(tmp_path):
+    """In-process app on the dummy backend: default head rules and the multi-head shape."""
+    from fastapi.testclient import TestClient
+
+    from s4l.service.app import create_app
+    from s4l.service.backend import DummyBackend
+    from s4l.service.head_registry import model_hash
+    from s4l.service.settings import Settings
+
+    backend = DummyBackend(dim=4)
+    h = _head(model_hash=model_hash(backend.info))
+    p1, p2 = save_head(tmp_path / "1.npz", h), save_head(tmp_path / "2.npz", h)
+    img = np.full((32, 32, 3), 9, np.uint8)
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    files = [("files", ("a.png", buf.getvalue(), "image/png"))]
+    with TestClient(create_app(Settings(heads=(f"one={p1}",)), backend=DummyBackend(dim=4))) as c:
+        r = c.post("/classify", files=files)  # the only head is the default
+        assert r.status_code == 200 and r.json()["head"] == "one"
+        emb = DummyBackend(dim=4).expected(img)["embedding"]
+        z = h.apply(emb[None])[0].astype(np.float64)
+        want = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        got = {t["index"]: t["score"] for t in r.json()["results"][0]["top_k"]}
+        np.testing.assert_allclose([got[i] for i in range(3)], want, rtol=1e-5)
+    with TestClient(create_app(Settings(heads=(f"one={p1}", f"two={p2}")),
+                               backend=DummyBackend(dim=4))) as c:
+        r = c.post("/classify", files=files)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "head_required"
+        r = c.post("/classify?head=one&head=two&head=one", files=files)
+        assert r.status_code == 200 and r.json()["heads"] == ["one", "two"]
+        assert r.json()["results"][0]["heads"]["one"] == r.json()["results"][0]["heads"]["two"]
+    with TestClient(create_app(Settings(), backend=DummyBackend(dim=4))) as c:
+        r = c.post("/classify", files=files)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "no_class_head"
+        assert c.get("/heads").json()["heads"] == []
+    with pytest.raises(UserError, match="reserved"):
+        create_app(Settings(heads=(f"model={p1}",)), backend=DummyBackend(dim=4))
+    with pytest.raises(UserError, match="twice"):
+        create_app(Settings(heads=(f"a={p1}", f"a={p2}")), backend=DummyBackend(dim=4))
