@@ -342,14 +342,15 @@ ABSENT_CLASS_BIAS = -1e4
 
 
 def knn_evaluate(train, val, *, num_classes: int, k: int = 20, temperature: float = 0.07,
-                 val_block: int = 4096) -> dict:
+                 val_block: int = 1024, train_block: int = 8192) -> dict:
     """Weighted k-nearest-neighbour top-1/top-5 of ``val`` against ``train`` (cosine similarity).
 
     Each of the k nearest training rows votes for its label with weight exp(sim / T); votes are
     summed per class (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
     Discrimination", section 3.4; the DINO/solo-learn evaluation). Training rows are streamed
     block by block and a running top-k per validation row is kept, so memory is bounded by
-    ``val_block x (k + train block)`` whatever the number of training rows.
+    ``val_block x (k + train_block)`` similarities (32 MiB of float32 at the defaults, a few
+    times that in temporaries) whatever the number of training rows.
     """
     t0 = time.perf_counter()
     kk = min(k, train.n)
@@ -359,13 +360,15 @@ def knn_evaluate(train, val, *, num_classes: int, k: int = 20, temperature: floa
         q = _l2_normalize(vx)
         best_s = np.full((len(q), kk), -np.inf, np.float32)
         best_y = np.zeros((len(q), kk), np.int64)
-        for tx, ty in train.blocks(None):
-            sims = q @ _l2_normalize(tx).T  # [nv, B]
-            cat_s = np.concatenate([best_s, sims], 1)
-            cat_y = np.concatenate([best_y, np.broadcast_to(ty, sims.shape)], 1)
-            top = np.argpartition(-cat_s, kk - 1, axis=1)[:, :kk]
-            best_s = np.take_along_axis(cat_s, top, 1)
-            best_y = np.take_along_axis(cat_y, top, 1)
+        for bx, by in train.blocks(None):
+            for lo in range(0, len(by), train_block):
+                tx, ty = bx[lo : lo + train_block], by[lo : lo + train_block]
+                sims = q @ _l2_normalize(tx).T  # [nv, B]
+                cat_s = np.concatenate([best_s, sims], 1)
+                cat_y = np.concatenate([best_y, np.broadcast_to(ty, sims.shape)], 1)
+                top = np.argpartition(-cat_s, kk - 1, axis=1)[:, :kk]
+                best_s = np.take_along_axis(cat_s, top, 1)
+                best_y = np.take_along_axis(cat_y, top, 1)
         votes = np.zeros((len(q), num_classes), np.float64)
         np.add.at(votes, (np.arange(len(q))[:, None], best_y), np.exp(best_s.astype(np.float64) / temperature))
         order = np.argsort(-votes, axis=1, kind="stable")[:, :k5]

@@ -201,3 +201,11 @@ def test_registry_defaults_and_dummy_app(tmp_path):
         create_app(Settings(heads=(f"model={p1}",)), backend=DummyBackend(dim=4))
     with pytest.raises(UserError, match="twice"):
         create_app(Settings(heads=(f"a={p1}", f"a={p2}")), backend=DummyBackend(dim=4))
+
+
+def test_knn_small_pieces_equal_one_piece():
+    tx, ty = blobs(300, seed=8)
+    vx, vy = blobs(90, seed=9)
+    a = knn_evaluate(ArrayRows(tx, ty), ArrayRows(vx, vy), num_classes=6, train_block=7, val_block=13)
+    b = knn_evaluate(ArrayRows(tx, ty), ArrayRows(vx, vy), num_classes=6)
+    assert (a["top1"], a["top5"]) == (b["top1"], b["top5"])
