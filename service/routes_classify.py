@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -51,7 +52,9 @@ async def classify(request: Request, state: State,
     raws = await read_images(request, max_images=state.settings.max_images_per_request)
     outs = await infer(raws, state, "/classify")
     good = [i for i, o in enumerate(outs) if not isinstance(o, tuple)]
-    logits = head_logits(reg, names, [outs[i] for i in good])
+    # The heads' matmuls run in the decode pool, never on the event loop.
+    logits = await asyncio.get_running_loop().run_in_executor(
+        state.decode_pool, head_logits, reg, names, [outs[i] for i in good])
     labels = {n: (list(reg.model_labels) if reg.model_labels else None) if n == MODEL_HEAD
               else list(reg.heads[n].class_names) for n in names}
     row = {i: j for j, i in enumerate(good)}
