@@ -262,3 +262,34 @@ def test_admin_route_disabled_without_token(files):
         r = httpx.post(srv.url + "/admin/reload-heads", timeout=10,
                        headers={"Authorization": "Bearer anything"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+
+
+def test_export_from_checkpoint_with_head_and_bad_bakes(files, tmp_path, capsys):
+    ckpt = files["model"].with_suffix(".pt")  # export_tiny's checkpoint beside its ONNX file
+    assert ckpt.exists()
+    out = tmp_path / "ck-baked.onnx"
+    assert cli_main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--head",
+                     f"places={files['head']}", "--triton-repo", str(tmp_path / "triton")]) == 0
+    head = load_head(files["head"])
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    outs = {o.name: o.shape for o in sess.get_outputs()}
+    assert list(outs) == ["embedding", "logits"] and outs["logits"][1] == head.num_classes
+    import onnx
+
+    proto = onnx.load(str(out))
+    # The replaced 3-class head left nothing behind: no initializer of 3 rows remains.
+    assert not [i for i in proto.graph.initializer if i.dims and i.dims[0] == 3]
+    assert (tmp_path / "triton" / "s4l" / "1" / "model.onnx").exists()
+    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    emb, logits = sess.run(["embedding", "logits"], {"images": x})
+    np.testing.assert_allclose(logits, head.apply(emb), rtol=1e-5, atol=1e-5)
+    # A head from another model, or --from-onnx without --head: one-line refusals, nothing written.
+    other = save_head(tmp_path / "other.npz", _other_head(files, model_hash="e" * 64))
+    p = subprocess.run([sys.executable, "-m", "s4l.cli", "export", "--from-onnx", str(files["model"]),
+                        "--out", str(tmp_path / "no.onnx"), "--head", f"o={other}"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "features of model" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "no.onnx").exists()
+    capsys.readouterr()
+    assert cli_main(["export", "--from-onnx", str(files["model"]), "--out", str(tmp_path / "n2.onnx")]) != 0
+    assert "needs --head" in capsys.readouterr().err
