@@ -209,3 +209,13 @@ def test_knn_small_pieces_equal_one_piece():
     a = knn_evaluate(ArrayRows(tx, ty), ArrayRows(vx, vy), num_classes=6, train_block=7, val_block=13)
     b = knn_evaluate(ArrayRows(tx, ty), ArrayRows(vx, vy), num_classes=6)
     assert (a["top1"], a["top5"]) == (b["top1"], b["top5"])
+
+
+def test_heads_module_and_server_import_no_torch_sklearn_h5py():
+    import subprocess
+    import sys
+
+    code = ("import sys; import s4l.heads, s4l.service.head_registry, s4l.service.routes_heads, "
+            "s4l.service.app; print(sorted(m for m in ('torch', 'sklearn', 'h5py') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
