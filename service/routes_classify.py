@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Query, Request
 
 from s4l.service.deps import ApiKey, State
@@ -58,10 +59,14 @@ async def classify(request: Request, state: State,
     labels = {n: (list(reg.model_labels) if reg.model_labels else None) if n == MODEL_HEAD
               else list(reg.heads[n].class_names) for n in names}
     row = {i: j for j, i in enumerate(good)}
+    finite = np.logical_and.reduce([np.isfinite(z).all(1) for z in logits.values()]) if good else []
     results = []
     for i, o in enumerate(outs):
         if isinstance(o, tuple):
             results.append(error_entry(o))
+        elif not finite[row[i]]:
+            results.append(error_entry(("non_finite_output",
+                                        "a head produced NaN or infinite scores for this image")))
         elif len(names) == 1:
             results.append(topk_entry(logits[names[0]][row[i]], top_k, labels[names[0]]))
         else:

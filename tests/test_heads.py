@@ -219,3 +219,27 @@ def test_heads_module_and_server_import_no_torch_sklearn_h5py():
             "s4l.service.app; print(sorted(m for m in ('torch', 'sklearn', 'h5py') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_head_overflowing_to_infinity_is_a_per_image_error(tmp_path):
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from s4l.service.app import create_app
+    from s4l.service.backend import DummyBackend
+    from s4l.service.head_registry import model_hash
+
+    backend = DummyBackend(dim=4)
+    huge = Head(weight=np.full((2, 4), 3e38, np.float32), bias=np.zeros(2, np.float32),
+                class_names=("a", "b"), model_hash=model_hash(backend.info))
+    p = save_head(tmp_path / "huge.npz", huge)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(buf, "PNG")
+    from s4l.service.settings import Settings
+
+    with TestClient(create_app(Settings(heads=(f"huge={p}",)), backend=backend)) as c:
+        r = c.post("/classify", files=[("files", ("a.png", buf.getvalue(), "image/png"))])
+        assert r.status_code == 200
+        assert r.json()["results"][0]["error"]["code"] == "non_finite_output"
