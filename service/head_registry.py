@@ -96,7 +96,8 @@ def head_logits(registry: HeadRegistry, names: list[str], outs: list[dict]) -> d
             result[name] = np.stack([o[LOGITS] for o in outs]) if outs else np.zeros((0, 0), np.float32)
         else:
             h = registry.heads[name]
-            result[name] = h.apply(emb) if emb is not None else np.zeros((0, h.num_classes), np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # the route reports non-finite rows
+                result[name] = h.apply(emb) if emb is not None else np.zeros((0, h.num_classes), np.float32)
     return result
 
 
