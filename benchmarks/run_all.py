@@ -80,6 +80,10 @@ KNOWN: dict[str, Known] = {
         full=("--int8", "--duration", "10"),
         reference="the raw onnxruntime session on the same crops, in alternating windows "
                   "(targets: >= 0.85x raw throughput at concurrency >= 8, p99 <= 1.3x raw p50 at 1)"),
+    "heads": Known(
+        quick=("--duration", "3", "--windows", "2"),
+        reference="/classify with one 205-class head on the same server and images, in "
+                  "alternating windows (target: 4 heads < 1.05x one head per image)"),
 }
 # Field names that hold a ratio ("iterations" and "duration" contain "ratio" but are not one).
 RATIO_KEY = re.compile(r"(?:^|_)ratios?(?:_|$)|_over_|_vs_|speedup", re.I)

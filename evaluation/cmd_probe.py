@@ -12,7 +12,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="training feature file(s) from `s4l extract`")
     parser.add_argument("--val", nargs="+", required=True, metavar="H5",
                         help="validation feature file(s), paired with --train in order")
-    parser.add_argument("--out", required=True, help="output folder (report.json, learning_curves.png)")
+    parser.add_argument("--out", required=True, help="output folder (report.json, learning_curves.png, heads/*.npz)")
     parser.add_argument("--solver", nargs="+", choices=("sklearn", "sgd"), default=["sklearn", "sgd"],
                         help="which solvers to run (default both)")
     parser.add_argument("--schedules", default=None, metavar="SPEC",
@@ -30,6 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="scikit-learn works in memory: subsample training rows beyond this")
     parser.add_argument("--no-standardize", action="store_true",
                         help="use raw features (default: per-dimension standardisation from train)")
+    parser.add_argument("--knn-k", type=int, default=20,
+                        help="weighted kNN evaluation beside the probe (cosine, Wu et al. 2018); 0: skip")
+    parser.add_argument("--knn-temperature", type=float, default=0.07)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -42,6 +45,8 @@ def build_settings(args: argparse.Namespace):
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    if args.knn_k < 0 or args.knn_temperature <= 0:
+        raise UserError("--knn-k must be >= 0 and --knn-temperature > 0")
     if not 0.0 <= args.holdout < 1.0:
         raise UserError("--holdout must be in [0, 1)")
     wd: float | str = args.wd
@@ -61,6 +66,8 @@ def build_settings(args: argparse.Namespace):
         sklearn_max_rows=args.sklearn_max_rows,
         standardize=not args.no_standardize,
         seed=args.seed,
+        knn_k=args.knn_k,
+        knn_temperature=args.knn_temperature,
     )
 
 
@@ -75,6 +82,10 @@ def main(args: argparse.Namespace) -> int:
             line.append(f"L-BFGS top1 {r['sklearn']['top1']:.2f} top5 {r['sklearn']['top5']:.2f}")
         for name, s in r.get("sgd", {}).items():
             line.append(f"SGD {name} top1 {s['top1']:.2f} top5 {s['top5']:.2f}")
+        if "knn" in r:
+            line.append(f"kNN k={r['knn']['k']} top1 {r['knn']['top1']:.2f} top5 {r['knn']['top5']:.2f}")
+        for solver, path in r.get("heads", {}).items():
+            line.append(f"head {solver}: {path}")
         print(" | ".join(line))
     return 0
 

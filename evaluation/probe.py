@@ -315,6 +315,91 @@ def _full_scores(clf, x: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+def sklearn_linear(clf, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted LogisticRegression as (W [C, D], b [C]) over ALL classes, in float64.
+
+    Classes absent from training get weight 0 and a bias far below any real score (the
+    reference's -inf, kept finite so the artifact stays plain numbers). A two-class fit has one
+    row z (p = sigmoid(z)); the softmax rows (-z/2, +z/2) give the same probabilities.
+    """
+    coef = np.asarray(clf.coef_, np.float64)
+    icpt = np.asarray(clf.intercept_, np.float64)
+    if coef.shape[0] == 1 and len(clf.classes_) == 2:
+        coef = np.concatenate([-coef / 2, coef / 2])
+        icpt = np.concatenate([-icpt / 2, icpt / 2])
+    w = np.zeros((num_classes, coef.shape[1]), np.float64)
+    b = np.full(num_classes, ABSENT_CLASS_BIAS, np.float64)
+    w[clf.classes_] = coef
+    b[clf.classes_] = icpt
+    return w, b
+
+
+ABSENT_CLASS_BIAS = -1e4
+
+
+# ----------------------------------------------------------------------------------------------
+# Weighted kNN (Wu et al. 2018, as used by DINO and solo-learn), streamed
+
+
+def knn_evaluate(train, val, *, num_classes: int, k: int = 20, temperature: float = 0.07,
+                 val_block: int = 1024, train_block: int = 8192) -> dict:
+    """Weighted k-nearest-neighbour top-1/top-5 of ``val`` against ``train`` (cosine similarity).
+
+    Each of the k nearest training rows votes for its label with weight exp(sim / T); votes are
+    summed per class (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
+    Discrimination", section 3.4; the DINO/solo-learn evaluation). Training rows are streamed
+    block by block and a running top-k per validation row is kept, so memory is bounded by
+    ``val_block x (k + train_block)`` similarities (32 MiB of float32 at the defaults, a few
+    times that in temporaries) whatever the number of training rows.
+    """
+    t0 = time.perf_counter()
+    kk = min(k, train.n)
+    hits1 = hits5 = n = 0
+    k5 = min(5, num_classes)
+    for vx, vy in _val_chunks(val, val_block):
+        q = _l2_normalize(vx)
+        best_s = np.full((len(q), kk), -np.inf, np.float32)
+        best_y = np.zeros((len(q), kk), np.int64)
+        for bx, by in train.blocks(None):
+            for lo in range(0, len(by), train_block):
+                tx, ty = bx[lo : lo + train_block], by[lo : lo + train_block]
+                sims = q @ _l2_normalize(tx).T  # [nv, B]
+                cat_s = np.concatenate([best_s, sims], 1)
+                cat_y = np.concatenate([best_y, np.broadcast_to(ty, sims.shape)], 1)
+                top = np.argpartition(-cat_s, kk - 1, axis=1)[:, :kk]
+                best_s = np.take_along_axis(cat_s, top, 1)
+                best_y = np.take_along_axis(cat_y, top, 1)
+        votes = np.zeros((len(q), num_classes), np.float64)
+        np.add.at(votes, (np.arange(len(q))[:, None], best_y), np.exp(best_s.astype(np.float64) / temperature))
+        order = np.argsort(-votes, axis=1, kind="stable")[:, :k5]
+        vy = np.asarray(vy)
+        hits1 += int((order[:, 0] == vy).sum())
+        hits5 += int((order == vy[:, None]).any(1).sum())
+        n += len(vy)
+    return {"k": kk, "temperature": temperature, "metric": "cosine",
+            "top1": 100.0 * hits1 / max(n, 1), "top5": 100.0 * hits5 / max(n, 1),
+            "n_train": int(train.n), "n_val": int(n), "seconds": time.perf_counter() - t0}
+
+
+def _val_chunks(val, size: int):
+    bx, by, have = [], [], 0
+    for x, y in val.blocks(None):
+        bx.append(x)
+        by.append(y)
+        have += len(y)
+        if have >= size:
+            yield np.concatenate(bx), np.concatenate(by)
+            bx, by, have = [], [], 0
+    if have:
+        yield np.concatenate(bx), np.concatenate(by)
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # SGD trainer (torch): the paper's protocol, streaming
 
@@ -445,6 +530,8 @@ class ProbeSettings:
     sklearn_max_rows: int = 200_000
     standardize: bool = True
     seed: int = 0
+    knn_k: int = 20  # 0: no kNN evaluation
+    knn_temperature: float = 0.07
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -482,7 +569,12 @@ def fit_probe(train, val, *, num_classes: int, settings: ProbeSettings | None = 
         )
     std = Standardizer.fit(train) if s.standardize else Standardizer.identity(train.dim)
     result: dict = {"n_train": train.n, "n_val": val.n, "dim": train.dim,
-                    "num_classes": num_classes, "coverage": coverage}
+                    "num_classes": num_classes, "coverage": coverage, "_standardizer": std}
+    if s.knn_k:
+        result["knn"] = knn_evaluate(train, val, num_classes=num_classes, k=s.knn_k,
+                                     temperature=s.knn_temperature)
+        log.info("weighted kNN (k=%d, T=%g): top1 %.2f top5 %.2f", s.knn_k, s.knn_temperature,
+                 result["knn"]["top1"], result["knn"]["top5"])
     wd = s.weight_decay
     if "sklearn" in s.solvers:
         tx, ty = train.to_arrays(s.sklearn_max_rows, s.seed)
@@ -490,7 +582,8 @@ def fit_probe(train, val, *, num_classes: int, settings: ProbeSettings | None = 
         log.info("scikit-learn L-BFGS on %d x %d features (C grid %s)", len(ty), train.dim, s.cs)
         sk = fit_sklearn(std(tx), ty, std(vx), vy, num_classes=num_classes, cs=s.cs,
                          holdout=s.holdout, seed=s.seed)
-        sk.pop("_model")
+        clf = sk.pop("_model")
+        sk["_linear"] = sklearn_linear(clf, num_classes)
         sk["subsampled"] = len(ty) < train.n
         result["sklearn"] = sk
         log.info("scikit-learn: C=%g top1 %.2f top5 %.2f", sk["C"], sk["top1"], sk["top5"])
@@ -508,7 +601,9 @@ def fit_probe(train, val, *, num_classes: int, settings: ProbeSettings | None = 
             r = fit_sgd(train, val, num_classes=num_classes, schedule=sched,
                         settings=sgd_settings, standardizer=std, progress=progress,
                         desc=f"{desc} {name}")
-            r.pop("_layer")
+            layer = r.pop("_layer")
+            r["_linear"] = (layer.weight.detach().cpu().double().numpy(),
+                            layer.bias.detach().cpu().double().numpy())
             result["sgd"][name] = r
             log.info("SGD %s: top1 %.2f top5 %.2f", name, r["top1"], r["top5"])
     return result

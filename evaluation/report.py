@@ -22,6 +22,7 @@ from s4l import __version__
 from s4l.errors import UserError
 from s4l.evaluation.features import FeatureFile, check_pair
 from s4l.evaluation.probe import FileRows, ProbeSettings, fit_probe
+from s4l.heads import from_standardized, save_head
 from s4l.provenance import file_sha256
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ def probe_files(
             log.info("probing %s (%d x %d) -> %s (%d rows)", tf.path, tf.n, tf.dim, vf.path, vf.n)
             r = fit_probe(FileRows(tf), FileRows(vf), num_classes=num_classes, settings=settings,
                           class_names=names, progress=progress, desc=tf.path.stem)
+            r["heads"] = save_probe_heads(r, tf, vf, out / "heads", settings,
+                                          names or [str(i) for i in range(num_classes)])
             results.append({
                 "train": _describe(tf), "val": _describe(vf), "unlabelled_rows_dropped": dropped,
                 **r,
@@ -90,6 +93,38 @@ def probe_files(
     _write_json_atomic(report_path, report)
     log.info("wrote %s", report_path)
     return report
+
+
+def save_probe_heads(result: dict, tf: FeatureFile, vf: FeatureFile, out_dir: Path,
+                     settings: ProbeSettings, class_names: Sequence[str]) -> dict[str, str]:
+    """Write each fitted linear layer of ``result`` as a head artifact (s4l.heads), with the
+    standardisation folded in so it applies to raw embeddings. Pops the in-memory layers from
+    ``result``; returns solver name -> file written."""
+    std = result.pop("_standardizer")
+    fitted = []
+    if "sklearn" in result:
+        fitted.append(("sklearn", result["sklearn"]))
+    for name, r in result.get("sgd", {}).items():
+        fitted.append((f"sgd-{name}", r))
+    written = {}
+    for solver, r in fitted:
+        w, b = r.pop("_linear")
+        settings_used = ({"C": r["C"], "standardize": settings.standardize} if solver == "sklearn"
+                         else {**r["settings"], "schedule": r["schedule"],
+                               "standardize": settings.standardize})
+        head = from_standardized(
+            w, b, std.mean, std.scale, class_names=tuple(class_names),
+            model_hash=tf.model_hash, layer=tf.layer,
+            preprocess=json.loads(tf.attrs["preprocess"]) if isinstance(tf.attrs.get("preprocess"), str) else None,
+            metrics={"top1": r["top1"], "top5": r["top5"], "val_rows": result["n_val"]},
+            solver=solver, settings=settings_used,
+            provenance={"train": str(tf.path), "train_sha256": file_sha256(tf.path),
+                        "val": str(vf.path), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        path = save_head(out_dir / f"{tf.path.stem}.{solver}.npz", head)
+        written[solver] = str(path)
+        log.info("wrote head %s (%d classes x %d, val top1 %.2f)", path, head.num_classes, head.dim,
+                 r["top1"])
+    return written
 
 
 def _describe(ff: FeatureFile) -> dict:

@@ -6,8 +6,10 @@ commands), in its own process, into one output folder:
 1. train S4L-Rotation and a supervised baseline on builtin:digits with 10% of the labels;
 2. extract features of the test split to HDF5 and fit the linear probe on them;
 3. export the S4L model to ONNX (checked against torch at export);
-4. start the HTTP server on a free local port, send held-out digit images to /embed and
-   /classify as a real client, check /readyz and /metrics, stop the server;
+4. start the HTTP server on a free local port with the probe's head served next to the model
+   (`--head digits-probe=...`), send held-out digit images to /embed, /classify (the model's own
+   head) and /classify?head=digits-probe&head=model (both heads, one backbone run) as a real
+   client, list GET /heads, check /readyz and /metrics, stop the server;
 5. print a summary table and the path of every artifact.
 
 A second run reuses every finished artifact (training resumes into a finished workdir, which
@@ -147,7 +149,10 @@ def _sample_images(out: Path, n: int = 4) -> list[tuple[Path, str]]:
     return picked
 
 
-def _serve_and_query(model: Path, out: Path, port: int) -> dict[str, Any]:
+PROBE_HEAD = "digits-probe"
+
+
+def _serve_and_query(model: Path, out: Path, port: int, head: Path | None = None) -> dict[str, Any]:
     port = port or _free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = out / "server.log"
@@ -155,10 +160,12 @@ def _serve_and_query(model: Path, out: Path, port: int) -> dict[str, Any]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "s4l.cli", "serve", "--model", str(model), "--host",
-             "127.0.0.1", "--port", str(port)],
+             "127.0.0.1", "--port", str(port),
+             *(["--head", f"{PROBE_HEAD}={head}"] if head else [])],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
-    print(f"$ s4l serve --model {model} --port {port}   (log: {log_path})", flush=True)
+    head_arg = f" --head {PROBE_HEAD}={head}" if head else ""
+    print(f"$ s4l serve --model {model}{head_arg} --port {port}   (log: {log_path})", flush=True)
     try:
         deadline = time.monotonic() + 120
         ready: dict[str, Any] = {}
@@ -206,6 +213,34 @@ def _serve_and_query(model: Path, out: Path, port: int) -> dict[str, Any]:
             correct += res["top_k"][0]["label"] == truth
             print(f"  {path.name:28s} true {truth}  top-3: {top}")
 
+        probe_correct = None
+        if head is not None:
+            status, raw = _http("GET", base + "/heads")
+            listed = json.loads(raw)
+            if status != 200:
+                raise StepFailed(f"GET /heads answered {status}: {raw[:300]!r}")
+            print(f"GET /heads -> 200: default {listed['default']!r}; " + "; ".join(
+                f"{h['name']} ({h['source']}, {h['num_classes']} classes"
+                + (f", val top-1 {h['metrics']['top1']:.1f}%" if h["metrics"].get("top1") is not None else "")
+                + ")" for h in listed["heads"]))
+            status, raw = _http("POST", base + f"/classify?head={PROBE_HEAD}&head=model&top_k=1",
+                                payload, {"Content-Type": "application/json"})
+            if status != 200:
+                raise StepFailed(f"POST /classify?head=... answered {status}: {raw[:300]!r}")
+            both = json.loads(raw)["results"]
+            print(f"POST /classify?head={PROBE_HEAD}&head=model (one backbone run per image) -> 200:")
+            probe_correct = 0
+            for (path, truth), res in zip(samples, both):
+                if "error" in res:
+                    raise StepFailed(f"/classify?head= failed on {path.name}: {res['error']}")
+                p = res["heads"][PROBE_HEAD]["top_k"][0]
+                m = res["heads"]["model"]["top_k"][0]
+                probe_correct += p["label"] == truth
+                print(f"  {path.name:28s} true {truth}  probe head: {p['label']} {p['score']:.2f}"
+                      f"  model head: {m['label']} {m['score']:.2f}")
+
+        # (POST /search over the extracted gallery goes here: issue 13, search part.)
+
         status, raw = _http("GET", base + "/metrics")
         text = raw.decode(errors="replace")
         if status != 200 or "s4l_" not in text:
@@ -215,6 +250,8 @@ def _serve_and_query(model: Path, out: Path, port: int) -> dict[str, Any]:
         for ln in images:
             print(f"  {ln}")
         return {"port": port, "served_top1": f"{correct}/{len(samples)}", "dim": embed["dim"],
+                "served_probe_head_top1": (f"{probe_correct}/{len(samples)}"
+                                           if probe_correct is not None else None),
                 "provider": ready.get("provider") or ready.get("execution_provider")}
     finally:
         proc.terminate()
@@ -267,7 +304,8 @@ def main(args: argparse.Namespace) -> int:
         else:
             print(f"reusing {feats[split]}")
     probe_dir = out / "probe"
-    if not (probe_dir / "report.json").exists():
+    report_path = probe_dir / "report.json"
+    if not report_path.exists() or not _probe_head(json.loads(report_path.read_text())):
         timed("probe", _s4l, "probe", "--train", str(feats["train"]), "--val",
               str(feats["test"]), "--out", str(probe_dir), "--overwrite",
               "--schedules", "short=2,long=3" if args.smoke else "short=10,long=60",
@@ -282,14 +320,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"reusing {onnx_path}")
 
     _banner(4, "serve it over HTTP and query it as a client would")
-    served = timed("serve", _serve_and_query, onnx_path, out, args.port)
+    head = _probe_head(probe)
+    served = timed("serve", _serve_and_query, onnx_path, out, args.port, head)
 
     _banner(5, "summary")
     rows = [
         ("S4L-Rotation test top-1", _pct(results["s4l-rotation"], "eval/top1")),
         ("supervised test top-1", _pct(results["supervised"], "eval/top1")),
         ("linear probe on S4L features, top-1", _pct({"v": _probe_top1(probe)}, "v")),
-        ("served /classify correct", served["served_top1"]),
+        ("served /classify correct (model head)", served["served_top1"]),
+        ("served /classify correct (probe head)", served["served_probe_head_top1"] or "n/a"),
         ("embedding dim", str(served["dim"])),
         ("total time", f"{time.monotonic() - t0:.0f} s"),
     ]
@@ -302,16 +342,27 @@ def main(args: argparse.Namespace) -> int:
         ("supervised checkpoint", out / "supervised" / "checkpoint.pt"),
         ("features (train, test)", f"{feats['train']}, {feats['test']}"),
         ("probe report", probe_dir / "report.json"),
+        ("probe head", head),
         ("learning curves", probe_dir / "learning_curves.png"),
         ("ONNX model", onnx_path),
         ("sample images", out / "samples"),
     ]:
         print(f"  {label:24s} {path}")
-    print(f"\nserve the model: make serve   (or: s4l serve --model {onnx_path})")
+    print(f"\nserve the model: make serve   (or: s4l serve --model {onnx_path} "
+          f"--head {PROBE_HEAD}={head})")
     (out / "summary.json").write_text(json.dumps(
         {"train": results, "probe_top1": _probe_top1(probe), "served": served,
          "timings_s": timings, "total_s": time.monotonic() - t0}, indent=2, default=str))
     return 0
+
+
+def _probe_head(report: dict[str, Any]) -> Path | None:
+    """The scikit-learn head file `s4l probe` wrote (what the demo serves), if it exists."""
+    for result in report.get("results", []):
+        path = result.get("heads", {}).get("sklearn")
+        if path and Path(path).exists():
+            return Path(path)
+    return None
 
 
 def _probe_top1(report: dict[str, Any]) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -12,9 +13,11 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 
 import s4l
+from s4l.errors import UserError
 from s4l.service import (
     routes_classify,
     routes_embed,
+    routes_heads,
     routes_health,
     routes_info,
     routes_metrics,
@@ -23,6 +26,7 @@ from s4l.service.backend import Backend, OnnxBackend, available_cpus
 from s4l.service.batching import MicroBatcher
 from s4l.service.deps import ApiKey
 from s4l.service.errors import error_json, install_error_handlers
+from s4l.service.head_registry import HeadRegistry, load_registry, reload_heads
 from s4l.service.limits import BodyLimitMiddleware, BodyTooLarge
 from s4l.service.pipeline import ServiceState
 from s4l.service.settings import Settings
@@ -30,13 +34,19 @@ from s4l.service.telemetry import Metrics, MetricsMiddleware
 
 log = logging.getLogger(__name__)
 
-_ROUTERS = (routes_health, routes_embed, routes_classify, routes_info, routes_metrics)
+_ROUTERS = (routes_health, routes_embed, routes_classify, routes_heads, routes_info, routes_metrics)
 
 DESCRIPTION = (
     "Embeddings and class predictions from an `s4l export` ONNX model. Images go through the "
     "same decode and eval crop as training (s4l.imaging); the model scales pixels itself. "
     "Errors are `{\"error\": {\"code\", \"message\"}}`; a bad image in a batch gets its own error "
     "entry and never fails the others.")
+
+
+def load_heads(settings: Settings, backend: Backend) -> HeadRegistry:
+    """The heads named in the settings, checked against the model (UserError on a mismatch)."""
+    return load_registry(settings.heads, backend.info,
+                         has_logits=bool(backend.info.num_classes))
 
 
 def load_backend(settings: Settings) -> Backend:
@@ -65,6 +75,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     so a bad model or a missing provider fails here, before the server listens."""
     settings = settings or Settings()
     backend = backend if backend is not None else load_backend(settings)
+    heads = load_heads(settings, backend)
     metrics = Metrics()
     batcher = MicroBatcher(backend.run, max_batch_size=effective_max_batch_size(settings, backend),
                            max_wait_s=settings.max_wait_ms / 1000.0,
@@ -72,15 +83,18 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     decode_threads = settings.decode_threads or available_cpus()
     pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="s4l-decode")
     state = ServiceState(settings=settings, backend=backend, metrics=metrics, batcher=batcher,
-                         decode_pool=pool, decode_threads=decode_threads)
+                         decode_pool=pool, decode_threads=decode_threads, heads=heads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
         await _warm_up(state)
+        hup = _install_sighup(state)
         try:
             yield
         finally:
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             state.ready, state.not_ready_reason = False, "shutting down"
             await batcher.stop()  # in-flight requests finish first (uvicorn waits for them)
             pool.shutdown(wait=True)
@@ -111,6 +125,24 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     return app
+
+
+def _install_sighup(state: ServiceState) -> bool:
+    """SIGHUP re-reads the head files (as POST /admin/reload-heads does), off the event loop."""
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        try:
+            reg = reload_heads(state)
+            log.info("SIGHUP: heads reloaded (generation %d): %s", reg.generation, reg.names)
+        except UserError as e:
+            log.warning("SIGHUP: head reload refused, old heads kept: %s", e)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, reload))
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        return False  # not the main thread (test clients) or no SIGHUP on this platform
+    return True
 
 
 async def _warm_up(state: ServiceState) -> None:

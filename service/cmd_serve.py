@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-HELP = "serve an exported ONNX model over HTTP (/embed, /classify, /healthz, /readyz, /info, /metrics)"
+HELP = ("serve an exported ONNX model over HTTP (/embed, /classify, /heads, /healthz, /readyz, "
+        "/info, /metrics)")
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="execution provider (env S4L_PROVIDER, default cpu); cuda refuses to "
                              "start without CUDA")
     parser.add_argument("--max-batch-size", type=int, help="env S4L_MAX_BATCH_SIZE (default 0 = auto: 2 x usable CPUs on CPU, 32 on CUDA)")
+    parser.add_argument("--head", action="append", metavar="NAME=PATH",
+                        help="a task head from `s4l probe` (heads/*.npz), served as "
+                             "/classify?head=NAME; repeat for several (env S4L_HEADS, comma-separated)")
     parser.add_argument("--max-wait-ms", type=float, help="env S4L_MAX_WAIT_MS (default 5)")
 
 
@@ -33,7 +37,8 @@ def main(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in {
         "model": args.model, "host": args.host, "port": args.port, "provider": args.provider,
-        "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms}.items()
+        "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+        "heads": tuple(args.head) if args.head else None}.items()
         if v is not None}
     try:
         settings = Settings(**overrides)

@@ -31,7 +31,7 @@ def error_json(status: int, code: str, message: str, headers: dict[str, str] | N
                         headers=headers)
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 
@@ -59,5 +59,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
     text = {401: "missing or wrong API key", 413: "body too large or too many images",
             415: "unsupported media type", 422: "malformed JSON, base64 or parameters",
             400: "not possible for this model", 503: "queue full (Retry-After) or not ready",
-            504: "request timed out"}
+            504: "request timed out", 404: "unknown head", 403: "route disabled",
+            409: "reload refused: a head file is bad; the old heads stay"}
     return {s: {"model": ErrorResponse, "description": text.get(s, "error")} for s in statuses}

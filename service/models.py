@@ -34,10 +34,47 @@ class ClassifyResult(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
+    """One head asked (or the default one)."""
+
     model: str
+    head: str = Field(description="the head that answered ('model': the model's own class head)")
     num_classes: int
     results: list[ClassifyResult | ImageError] = Field(
         description="one entry per input image, in input order")
+
+
+class HeadsResult(BaseModel):
+    heads: dict[str, ClassifyResult] = Field(description="head name -> that head's top-k")
+
+
+class MultiHeadClassifyResponse(BaseModel):
+    """Several heads asked (``?head=a&head=b``): one backbone run per image, every head's top-k."""
+
+    model: str
+    heads: list[str]
+    results: list[HeadsResult | ImageError] = Field(
+        description="one entry per input image, in input order")
+
+
+class HeadInfo(BaseModel):
+    name: str
+    source: str = Field(description="'model' (the ONNX logits output) or 'file' (a head artifact)")
+    path: str | None
+    num_classes: int | None
+    labels: list[str] | None
+    model_hash: str
+    layer: str
+    metrics: dict = Field(description="validation top1/top5 (percent) recorded by `s4l probe`")
+    solver: str | None
+    settings: dict
+    provenance: dict
+
+
+class HeadsResponse(BaseModel):
+    default: str | None = Field(description="the head /classify uses without ?head=")
+    generation: int = Field(description="0 at start-up, +1 per successful reload")
+    loaded_at: str
+    heads: list[HeadInfo]
 
 
 class Health(BaseModel):

@@ -15,6 +15,7 @@ from s4l.imaging import ImageError, decode_image, eval_crop
 from s4l.service.backend import EMBEDDING, LOGITS, Backend
 from s4l.service.batching import MicroBatcher, QueueFull
 from s4l.service.errors import ApiError
+from s4l.service.head_registry import HeadRegistry
 from s4l.service.inputs import RawImage
 from s4l.service.settings import Settings
 from s4l.service.telemetry import Metrics
@@ -32,6 +33,7 @@ class ServiceState:
     batcher: MicroBatcher
     decode_pool: ThreadPoolExecutor
     decode_threads: int
+    heads: HeadRegistry | None = None  # replaced whole on reload; a request reads it once
     ready: bool = False
     not_ready_reason: str = "starting"
     extra: dict = field(default_factory=dict)
@@ -131,7 +133,11 @@ def embed_entry(out: dict, normalize: bool) -> dict:
 
 
 def classify_entry(out: dict, top_k: int, labels: list[str] | None) -> dict:
-    logits = np.asarray(out[LOGITS], dtype=np.float64)
+    return topk_entry(out[LOGITS], top_k, labels)
+
+
+def topk_entry(logits: np.ndarray, top_k: int, labels) -> dict:
+    logits = np.asarray(logits, dtype=np.float64)
     p = np.exp(logits - logits.max())
     p /= p.sum()
     k = min(top_k, len(p))

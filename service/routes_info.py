@@ -31,4 +31,6 @@ async def info(state: State) -> dict[str, Any]:
         "threads": {"intra_op": getattr(state.backend, "threads", None),
                     "decode": state.decode_threads},
         "auth": s.api_key is not None,
+        "heads": {"names": state.heads.names, "default": state.heads.default,
+                  "generation": state.heads.generation},
     }

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -39,6 +40,21 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
+    heads: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="task heads NAME=PATH (s4l.heads files); env: comma-separated or a JSON list")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token of POST /admin/reload-heads; unset: the route is disabled")
+
     api_key: SecretStr | None = Field(None, description="when set, Bearer token required")
     graceful_shutdown_s: float = Field(30.0, ge=0.0)
     log_level: str = "info"
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _split_heads(cls, v):
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return tuple(json.loads(v))
+            return tuple(p.strip() for p in v.split(",") if p.strip())
+        return v

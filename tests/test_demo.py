@@ -35,6 +35,9 @@ def test_demo_runs_end_to_end_and_reuses_artifacts(tmp_path):
     assert set(summary["train"]) == {"s4l-rotation", "supervised"}
     assert "POST /classify" in first.stdout and "GET /readyz -> 200" in first.stdout
     assert "s4l_images_total" in first.stdout
+    # The probe's head is served next to the model and answers with it in one call.
+    assert "GET /heads -> 200" in first.stdout and "probe head:" in first.stdout
+    assert summary["served"]["served_probe_head_top1"].endswith("/4")
 
     second = _demo(out)
     assert second.returncode == 0, second.stderr[-3000:]
