@@ -77,14 +77,14 @@ _LEGACY_GLOBALS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct,
 
 def _refusal(path: Path, e: Exception) -> str:
     """One line for a checkpoint torch's weights-only unpickler refused."""
-    # torch's message is several paragraphs (and suggests weights_only=False): keep the one
+    # torch's message is several paragraphs (and suggests turning the check off): keep the one
     # line that names what was refused.
     lines = [ln.strip() for ln in str(e).splitlines()]
     detail = next((ln for ln in lines if "GLOBAL" in ln or ln.lower().startswith("unsupported")),
                   "forbidden objects")
     detail = detail.split(" was not an allowed")[0].split(" whose module")[0][:200].rstrip(".")
-    return (f"{path} is not a valid s4l checkpoint: it carries objects a checkpoint may not hold "
-            f"({detail}); it was refused without running any of it")
+    return (f"checkpoint {path} cannot be read: it is not a valid s4l checkpoint or carries "
+            f"forbidden objects ({detail}); nothing in it was run")
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
