@@ -13,10 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hostile
 import numpy as np
 import pytest
 
-import hostile
 from s4l.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +130,8 @@ def test_every_command_refuses_a_hostile_checkpoint(tmp_path, marker, cmd_env, c
     bad = hostile.checkpoint_torch_zip(tmp_path / "model.pt", marker)
     before = bad.read_bytes()
     out = tmp_path / "out"
+    if command in ("export", "extract", "pseudo-label"):
+        out.mkdir()  # an existing, empty output folder: it must stay empty
     name = command.split("-")[0] if command.startswith("train") else command
     if command == "export":
         r = run_cli("export", "--checkpoint", str(bad), "--out", str(out / "m.onnx"))
@@ -140,7 +142,8 @@ def test_every_command_refuses_a_hostile_checkpoint(tmp_path, marker, cmd_env, c
         r = run_cli("pseudo-label", "--checkpoint", str(bad), "--data", str(data),
                     "--out", str(out / "p.json"), "--workers", "0", "--no-progress")
     elif command == "val-study":
-        r = run_cli("val-study", "--models", str(bad), str(bad), "--data", str(data), "--split", "val",
+        bad2 = hostile.checkpoint_legacy_pickle(tmp_path / "model2.pt", marker)
+        r = run_cli("val-study", "--models", str(bad2), str(bad), "--data", str(data), "--split", "val",
                     "--out", str(out), "--per-class", "1", "--workers", "0", "--no-progress")
     elif command == "train-init":
         r = run_cli("train", "--preset", "supervised-10pct-smoke", "--data", "builtin:digits",
@@ -214,7 +217,6 @@ def test_nan_features_are_refused_when_read(tmp_path):
 
 @pytest.mark.parametrize("kind", ["external_link", "huge_declared_shape", "nan"])
 def test_probe_command_refuses_hostile_feature_files(tmp_path, kind):
-    from s4l.evaluation.extract import ExtractConfig  # noqa: F401 - the module must import
 
     maker = hostile.h5_nan_features if kind == "nan" else hostile.H5_MAKERS[kind][0]
     bad = maker(tmp_path / "train.h5", tmp_path / "other.bin")
@@ -287,6 +289,7 @@ def test_commands_refuse_an_onnx_model_reading_outside_its_folder(tmp_path, cmd_
     (tmp_path / "m").mkdir()
     m = hostile.onnx_model(tmp_path / "m" / "model.onnx", external_location="../secret.bin")
     out = tmp_path / "out"
+    out.mkdir()
     if command == "serve":
         r = run_cli("serve", "--model", str(m), "--port", "0")
     else:
