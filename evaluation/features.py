@@ -338,9 +338,10 @@ def _check_local_dataset(f: h5py.File, name: str, where: str) -> None:
                         f"{[e[0] for e in ds.external][:3]}; a feature file must hold its own data")
     if ds.dtype.kind == "O" and h5py.check_string_dtype(ds.dtype) is None:
         raise UserError(f"{where}: {name} holds objects of type {ds.dtype}, not numbers or strings")
-    if h5py.check_string_dtype(ds.dtype) is not None and ds.dtype.kind == "O":
-        return  # variable-length strings: their heap size is not in the dataset's storage
-    declared = int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize
+    # Variable-length strings store a heap reference per element (16 bytes with default file
+    # settings; 8 is a safe floor); the strings themselves live in the file's heap.
+    per_item = 8 if ds.dtype.kind == "O" else ds.dtype.itemsize
+    declared = int(np.prod(ds.shape, dtype=np.int64)) * per_item
     stored = ds.id.get_storage_size()
     ratio = 1 if ds.compression is None else MAX_COMPRESSION_RATIO
     if declared > stored * ratio:

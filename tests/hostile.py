@@ -194,7 +194,19 @@ def h5_wrong_schema(path: Path, other: Path) -> Path:
     return path
 
 
+def h5_huge_error_list(path: Path, other: Path) -> Path:
+    """A valid file whose `errors/path` list declares 10^8 strings and stores none of them."""
+    with h5py.File(path, "w") as f:
+        _h5_base(f)
+        f.create_dataset("features", data=np.zeros((4, 3), np.float32))
+        g = f.create_group("errors")
+        for k in ("path", "reason"):
+            g.create_dataset(k, shape=(10**8,), dtype=h5py.string_dtype(), chunks=(4096,))
+    return path
+
+
 H5_MAKERS = {
+    "huge_error_list": (h5_huge_error_list, "stores only"),
     "external_link": (h5_external_link, "external link"),
     "virtual_dataset": (h5_virtual, "virtual dataset"),
     "external_storage": (h5_external_storage, "external file"),

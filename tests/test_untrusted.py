@@ -217,7 +217,6 @@ def test_nan_features_are_refused_when_read(tmp_path):
 
 @pytest.mark.parametrize("kind", ["external_link", "huge_declared_shape", "nan"])
 def test_probe_command_refuses_hostile_feature_files(tmp_path, kind):
-
     maker = hostile.h5_nan_features if kind == "nan" else hostile.H5_MAKERS[kind][0]
     bad = maker(tmp_path / "train.h5", tmp_path / "other.bin")
     out = tmp_path / "probe"
@@ -375,3 +374,10 @@ def test_no_unsafe_deserialisation_remains_in_the_package():
                 "pickle.load(f)", "pickle.loads(b)", "torch.load(p, map_location='cpu')"):
         assert UNSAFE.search(bad), bad
     assert not UNSAFE.search("torch.load(path, map_location=m, weights_only=True)")
+
+
+def test_safe_loaders_are_torch_free():
+    """The server (which must not import torch) uses these modules."""
+    code = ("import sys, s4l.safeload, s4l.onnxcheck, s4l.service.backend; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
