@@ -15,18 +15,20 @@ from pathlib import Path
 from s4l.errors import UserError
 
 # Domains whose operators onnxruntime implements itself; anything else needs a custom-op library.
-KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"})
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training",
+                           "ai.onnx.training", "com.microsoft", "com.microsoft.nchwc",
+                           "com.microsoft.experimental"})
 
 # Field numbers from onnx.proto3.
-_MODEL_GRAPH, _MODEL_OPSET, _MODEL_FUNCTIONS = 7, 8, 25
-_OPSET_DOMAIN = 1
+# Only the domains nodes use matter: exporters and quantizers import unused ones.
+_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
 _GRAPH_NODE, _GRAPH_INIT, _GRAPH_SPARSE_INIT = 1, 5, 15
 _NODE_DOMAIN, _NODE_ATTR = 7, 5
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE = 5, 6, 10, 11, 22
 _SPARSE_VALUES, _SPARSE_INDICES = 1, 2
 _TENSOR_EXTERNAL = 13
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
-_FUNC_NODE, _FUNC_OPSET, _FUNC_DOMAIN = 7, 9, 10
+_FUNC_NODE, _FUNC_DOMAIN = 7, 10
 
 
 class OnnxCheckError(UserError):
@@ -128,10 +130,6 @@ class _Walk:
                 continue
             if num == _MODEL_GRAPH:
                 self.graph(v)
-            elif num == _MODEL_OPSET:
-                for n, w, x in _fields(v):
-                    if n == _OPSET_DOMAIN and w == 2:
-                        self.domains.add(_text(x))
             elif num == _MODEL_FUNCTIONS:
                 for n, w, x in _fields(v):
                     if n == _FUNC_NODE and w == 2:
@@ -155,7 +153,7 @@ def check_onnx_file(path: str | os.PathLike) -> None:
     try:
         w.model(memoryview(data))
     except OnnxCheckError as e:
-        raise OnnxCheckError(f"{path} is not a valid ONNX model: {e}") from None
+        raise OnnxCheckError(f"cannot load {path}: not a valid ONNX model ({e})") from None
     unknown = sorted(w.domains - KNOWN_DOMAINS - w.local_domains)
     if unknown:
         raise OnnxCheckError(f"{path} uses operator domain(s) {unknown} that onnxruntime does not "
