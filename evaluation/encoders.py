@@ -106,6 +106,9 @@ class OnnxEncoder(Encoder):
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"ONNX model {self.path} does not exist")
+        from s4l.onnxcheck import check_onnx_file
+
+        check_onnx_file(self.path)  # external data outside its folder, custom-op domains
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -122,7 +125,10 @@ class OnnxEncoder(Encoder):
         meta = self.session.get_modelmeta().custom_metadata_map
         if "s4l.preprocess" not in meta:
             raise UserError(f"{self.path} lacks s4l metadata (s4l.preprocess): export it with `s4l export`")
-        self.preprocess = PreprocessSpec.from_dict(json.loads(meta["s4l.preprocess"]))
+        try:
+            self.preprocess = PreprocessSpec.from_dict(json.loads(meta["s4l.preprocess"]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{self.path}: unreadable s4l.preprocess metadata ({e})") from None
         self.file_sha256 = file_sha256(self.path)
         self.model_hash = meta.get("s4l.checkpoint_sha256") or self.file_sha256
         outputs = [o.name for o in self.session.get_outputs()]

@@ -167,28 +167,72 @@ class FeatureFile:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
             raise UserError(f"{self.path} is not a readable HDF5 file: {e}") from None
+        try:
+            self._check(self._f)
+        except BaseException:
+            self.close()
+            raise
         f = self._f
+        self.features: h5py.Dataset = f["features"]
+        self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
+
+    def _check(self, f: h5py.File) -> None:
+        """The contract, checked before any row is read: schema, types, lengths, storage.
+
+        A feature file is data from someone else: every dataset must be stored in this file
+        (no external links, virtual datasets or external raw storage that would make h5py read
+        other files), have the dtype and length the contract says, and hold the bytes its
+        shape declares (so a tiny file cannot ask for terabytes of zeros).
+        """
+        where = str(self.path)
         version = f.attrs.get("schema_version")
         if version is None:
-            self.close()
-            raise UserError(f"{self.path} has no schema_version attribute: not an s4l feature file")
+            raise UserError(f"{where} has no schema_version attribute: not an s4l feature file")
+        if isinstance(version, np.ndarray) or not isinstance(version, int | np.integer):
+            raise UserError(f"{where}: schema_version {version!r} is not an integer; "
+                            "not an s4l feature file")
         if int(version) != SCHEMA_VERSION:
-            self.close()
             raise UserError(
-                f"{self.path} has feature schema version {int(version)}; this s4l reads "
+                f"{where} has feature schema version {int(version)}; this s4l reads "
                 f"version {SCHEMA_VERSION}. Re-extract it with this version's `s4l extract`."
             )
         missing = [k for k in ("features", "labels", "paths") if k not in f]
         if missing:
-            self.close()
-            raise UserError(f"{self.path} lacks dataset(s) {missing}")
-        self.features: h5py.Dataset = f["features"]
-        if self.features.ndim != 2 or f["labels"].shape != (self.features.shape[0],):
-            self.close()
-            raise UserError(
-                f"{self.path}: features {self.features.shape} and labels {f['labels'].shape} disagree"
-            )
-        self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
+            raise UserError(f"{where} lacks dataset(s) {missing}")
+        names = [k for k in ROW_DATASETS if k in f]
+        if "errors" in f:
+            names += ["errors/path", "errors/reason"]
+        for name in names:
+            _check_local_dataset(f, name, where)
+        feats = f["features"]
+        if feats.ndim != 2 or feats.dtype.kind != "f":
+            raise UserError(f"{where}: features must be a 2-D float array, got "
+                            f"{feats.dtype} of shape {feats.shape}")
+        n = feats.shape[0]
+        if f["labels"].shape != (n,) or f["labels"].dtype.kind not in "iu":
+            raise UserError(f"{where}: features {feats.shape} and labels {f['labels'].shape} "
+                            f"({f['labels'].dtype}) disagree: labels must be {n} integers")
+        if f["paths"].shape != (n,) or h5py.check_string_dtype(f["paths"].dtype) is None:
+            raise UserError(f"{where}: paths must be {n} strings, got {f['paths'].dtype} of "
+                            f"shape {f['paths'].shape}")
+        if "logits" in f:
+            lg = f["logits"]
+            if lg.ndim != 2 or lg.shape[0] != n or lg.dtype.kind != "f":
+                raise UserError(f"{where}: logits must be a float [{n}, C] array, got "
+                                f"{lg.dtype} of shape {lg.shape}")
+        if "errors" in f:
+            for k in ("path", "reason"):
+                if h5py.check_string_dtype(f["errors"][k].dtype) is None or f["errors"][k].ndim != 1:
+                    raise UserError(f"{where}: errors/{k} must be a list of strings")
+            if f["errors/path"].shape != f["errors/reason"].shape:
+                raise UserError(f"{where}: errors/path and errors/reason differ in length")
+        cn = f.attrs.get("class_names")
+        if isinstance(cn, bytes | str) and _attr(cn) not in ("", "null"):
+            from s4l.safeload import parse_json
+
+            names_ = parse_json(_attr(cn), f"{where} attribute class_names")
+            if not isinstance(names_, list) or not all(isinstance(c, str) for c in names_):
+                raise UserError(f"{where}: attribute class_names must be a JSON list of strings")
 
     # -- metadata
     @property
@@ -233,13 +277,27 @@ class FeatureFile:
         """Rows per stored chunk: the natural unit for streaming reads."""
         return int(self.features.chunks[0]) if self.features.chunks else max(1, self.n)
 
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Feature rows ``[lo, hi)``, refused if any value is NaN or infinite."""
+        x = self.features[lo:hi]
+        _check_finite(x, f"{self.path}: features rows {lo}..{hi}")
+        return x
+
+    def read_logits(self) -> np.ndarray | None:
+        """All logits (None without a class head), refused if any value is NaN or infinite."""
+        if self.logits is None:
+            return None
+        x = self.logits[...]
+        _check_finite(x, f"{self.path}: logits")
+        return x
+
     def iter_blocks(self, order: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start_row, features block)`` chunk by chunk, in ``order`` of block indices."""
         b = self.block_rows
         nblocks = (self.n + b - 1) // b
         for i in range(nblocks) if order is None else order:
             lo = i * b
-            yield lo, self.features[lo : min(self.n, lo + b)]
+            yield lo, self.rows(lo, min(self.n, lo + b))
 
     def close(self) -> None:
         try:
@@ -252,6 +310,51 @@ class FeatureFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# A compressed dataset may legitimately be smaller than its data, but not by more than this
+# (float features compress a few times at most; a bomb of zeros compresses ~1000x).
+MAX_COMPRESSION_RATIO = 64
+
+
+def _check_local_dataset(f: h5py.File, name: str, where: str) -> None:
+    """`name` is a real dataset of this file whose declared size its storage backs."""
+    parent, _, leaf = name.rpartition("/")
+    grp = f[parent] if parent else f
+    link = grp.get(leaf, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise UserError(f"{where}: {name} is an external link to {link.filename!r}; a feature "
+                        "file must hold its own data")
+    if isinstance(link, h5py.SoftLink):
+        raise UserError(f"{where}: {name} is a soft link ({link.path}); expected a dataset")
+    ds = grp[leaf]
+    if not isinstance(ds, h5py.Dataset):
+        raise UserError(f"{where}: {name} is not a dataset")
+    if ds.is_virtual:
+        raise UserError(f"{where}: {name} is a virtual dataset (it maps other files); "
+                        "a feature file must hold its own data")
+    if ds.external:
+        raise UserError(f"{where}: {name} keeps its data in external file(s) "
+                        f"{[e[0] for e in ds.external][:3]}; a feature file must hold its own data")
+    if ds.dtype.kind == "O" and h5py.check_string_dtype(ds.dtype) is None:
+        raise UserError(f"{where}: {name} holds objects of type {ds.dtype}, not numbers or strings")
+    # Variable-length strings store a heap reference per element (16 bytes with default file
+    # settings; 8 is a safe floor); the strings themselves live in the file's heap.
+    per_item = 8 if ds.dtype.kind == "O" else ds.dtype.itemsize
+    declared = int(np.prod(ds.shape, dtype=np.int64)) * per_item
+    stored = ds.id.get_storage_size()
+    ratio = 1 if ds.compression is None else MAX_COMPRESSION_RATIO
+    if declared > stored * ratio:
+        raise UserError(f"{where}: {name} declares shape {ds.shape} ({declared / 2**20:.1f} MiB) "
+                        f"but the file stores only {stored / 2**20:.1f} MiB of it; the file is "
+                        "truncated or not a real feature file")
+
+
+def _check_finite(x: np.ndarray, what: str) -> None:
+    if x.size and not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=tuple(range(1, x.ndim))))[0])
+        raise UserError(f"{what} hold NaN or infinite values (first at row offset {bad}); "
+                        "features must be finite numbers")
 
 
 def _attr(v):

@@ -164,7 +164,7 @@ class FileRows:
         for lo in range(0, self.ff.n, b):
             sel = rows[(rows >= lo) & (rows < lo + b)]
             if len(sel):
-                x[at : at + len(sel)] = self.ff.features[lo : lo + b][sel - lo]
+                x[at : at + len(sel)] = self.ff.rows(lo, lo + b)[sel - lo]
                 at += len(sel)
         return x, self._labels[rows]
 

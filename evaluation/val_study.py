@@ -223,7 +223,7 @@ def run_val_study(models: Sequence[str], data: str, split: str, out_dir: str | o
                 raise UserError(f"{h5} holds another pool ({ff.attrs.get('data_root')}); remove it")
             if ff.logits is None:
                 raise UserError(f"{m} has no class head: the study needs a classifier's logits")
-            logits = ff.logits[...]
+            logits = ff.read_logits()
             lab = ff.labels
             pth = ff.paths
             n_err = len(ff.errors)

@@ -411,20 +411,23 @@ def open_source(spec: str | os.PathLike, split: str,
 # Label maps
 
 
+# A label map for all 1.28M ImageNet training images is about 30 MiB of JSON.
+LABEL_MAP_MAX_BYTES = 256 << 20
+
+
 def read_label_map(path: str | os.PathLike) -> list[str]:
     """Names of the labelled images: the release's JSON `{"values": [...]}` or one name per line."""
+    from s4l.safeload import check_relative_name, parse_json, read_text_capped
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"label map {str(p)!r} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read label map {str(p)!r}: {e}") from e
+    text = read_text_capped(p, "label map", LABEL_MAP_MAX_BYTES)
     if text.lstrip().startswith("{"):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"label map {str(p)!r} is not valid JSON: {e}") from e
+        obj = parse_json(text, f"label map {str(p)!r}")
+        if isinstance(obj, dict) and set(obj) - {"values"}:
+            raise UserError(f"label map {str(p)!r} has unknown keys {sorted(set(obj) - {'values'})[:5]}; "
+                            "expected only \"values\"")
         values = obj.get("values") if isinstance(obj, dict) else None
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise UserError(f"label map {str(p)!r}: expected {{\"values\": [file names]}}")
@@ -435,6 +438,8 @@ def read_label_map(path: str | os.PathLike) -> list[str]:
     if not names or any(not n for n in names):
         raise UserError(f"label map {str(p)!r} lists no image names" if not names
                         else f"label map {str(p)!r} has empty names")
+    for n in names:
+        check_relative_name(n, f"label map {str(p)!r}")
     seen: set[str] = set()
     dups = [n for n in names if n in seen or seen.add(n)]
     if dups:

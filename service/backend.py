@@ -127,6 +127,12 @@ class OnnxBackend:
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(f"model file {path} does not exist")
+        from s4l.onnxcheck import OnnxCheckError, check_onnx_file
+
+        try:
+            check_onnx_file(path)  # before onnxruntime reads anything the file points to
+        except OnnxCheckError as e:
+            raise ModelLoadError(str(e)) from None
         providers = choose_providers(provider, ort.get_available_providers())
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads or available_cpus()

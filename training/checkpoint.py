@@ -4,6 +4,13 @@ The format (docs/contracts.md "Checkpoint") is one `torch.save` dict holding the
 optimizer, schedule position, RNG states, data-order position, the full config and provenance.
 Writes go to a temporary file in the same folder, are fsync'ed, then `os.replace`d over the
 target, so a crash or a full disk never leaves a half-written checkpoint behind.
+
+A checkpoint is data, never code: it is read with `torch.load(weights_only=True)`, whose
+unpickler builds only tensors and plain Python containers/scalars, so a file whose pickle names
+any other global (`os.system`, a class's `__reduce__`) is refused before anything runs. s4l
+writes nothing else (RNG states are stored as tensors and ints); the only extra types allowed
+are the few globals that checkpoints written before this change carry (numpy's RNG state as an
+`ndarray`, torch's `TorchVersion` string).
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from s4l.errors import UserError
@@ -59,15 +68,43 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return path
 
 
+# Checkpoints written before this release hold numpy's MT19937 state as an ndarray and torch's
+# version as a `TorchVersion` (a str subclass); these globals rebuild exactly those (a plain
+# array of a plain dtype, a string) and nothing else.
+_LEGACY_GLOBALS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct,
+                   type(np.dtype(np.uint32)), torch.torch_version.TorchVersion]
+
+
+def _refusal(path: Path, e: Exception) -> str:
+    """One line for a checkpoint torch's weights-only unpickler refused."""
+    # torch's message is several paragraphs (and suggests turning the check off): keep the one
+    # line that names what was refused.
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    detail = next((ln for ln in lines if "GLOBAL" in ln or ln.lower().startswith("unsupported")),
+                  "forbidden objects")
+    detail = detail.split(" was not an allowed")[0].split(" whose module")[0][:200].rstrip(".")
+    return (f"checkpoint {path} cannot be read: it is not a valid s4l checkpoint or carries "
+            f"forbidden objects ({detail}); nothing in it was run")
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint dict, checking that it is an s4l checkpoint of a known version."""
+    """Load a checkpoint dict, checking that it is an s4l checkpoint of a known version.
+
+    Only tensors and plain containers/scalars are unpickled (`weights_only=True`); a file that
+    names any other Python object is refused with a one-line error and none of it runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a broken file
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+        with torch.serialization.safe_globals(_LEGACY_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(_refusal(path, e)) from None
+    except Exception as e:  # noqa: BLE001 - any other reading failure means a broken file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"checkpoint {path} cannot be read: not a valid s4l checkpoint "
+                        f"({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not an s4l checkpoint (no format={FORMAT!r} marker)")
     if ckpt.get("format_version") != FORMAT_VERSION:
@@ -151,14 +188,17 @@ RESUME_NAME = "checkpoint.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG the training step draws from: python, numpy, torch CPU and CUDA."""
+    """Every RNG the training step draws from: python, numpy, torch CPU and CUDA.
+
+    Stored as tensors and ints only, so the checkpoint loads under `weights_only=True`.
+    """
     import random
 
-    import numpy as np
-
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -167,13 +207,19 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `rng_state` (CUDA states only when this process uses CUDA)."""
+    """Inverse of `rng_state` (CUDA states only when this process uses CUDA).
+
+    Also accepts the numpy state as the tuple `np.random.get_state()` returns, which
+    checkpoints written before the tensor form hold.
+    """
     import random
 
-    import numpy as np
-
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    ns = state["numpy"]
+    if isinstance(ns, dict):
+        keys = ns["keys"].numpy() if isinstance(ns["keys"], torch.Tensor) else np.asarray(ns["keys"])
+        ns = (ns["kind"], keys.astype(np.uint32), ns["pos"], ns["has_gauss"], ns["cached_gaussian"])
+    np.random.set_state(ns)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -188,11 +234,11 @@ def provenance() -> dict[str, Any]:
 
     git = git_commit()
     sha = git["commit"] and (git["commit"] + ("-dirty" if git["dirty"] else ""))
-    versions = {"s4l": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    versions = {"s4l": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
     try:
         import torchvision
 
-        versions["torchvision"] = torchvision.__version__
+        versions["torchvision"] = str(torchvision.__version__)
     except ImportError:
         pass
     return {

@@ -459,6 +459,13 @@ def save_json(cfg: TrainConfig, path) -> None:
     os.replace(tmp, path)
 
 
+CONFIG_MAX_BYTES = 4 << 20
+
+
 def load_json(path) -> TrainConfig:
-    with open(path) as f:
-        return from_dict(json.load(f))
+    from s4l.safeload import load_json_file
+
+    doc = load_json_file(path, "config file", CONFIG_MAX_BYTES)
+    if not isinstance(doc, dict):
+        raise UserError(f"config file {str(path)!r}: expected a JSON object")
+    return from_dict(doc)

@@ -38,6 +38,8 @@ from s4l.imaging import PreprocessSpec, eval_crop
 log = logging.getLogger(__name__)
 
 FORMAT = "s4l-pseudo-labels"
+# 1.28M ImageNet samples with two labels and two confidences each are a few hundred MiB.
+PSEUDO_LABEL_MAX_BYTES = 1 << 30
 VERSION = 1
 
 
@@ -67,18 +69,38 @@ def read_pseudo_labels(path: str | os.PathLike, source) -> list[int]:
 
 
 def load_pseudo_label_file(path: str | os.PathLike) -> dict[str, Any]:
+    from s4l.safeload import check_relative_name, load_json_file
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"pseudo-label file {str(p)!r} does not exist (make it with s4l pseudo-label)")
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read pseudo-label file {str(p)!r}: {e}") from e
+    doc = load_json_file(p, "pseudo-label file", PSEUDO_LABEL_MAX_BYTES)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UserError(f"{str(p)!r} is not an s4l pseudo-label file (no format={FORMAT!r})")
     if doc.get("version") != VERSION:
         raise UserError(f"{str(p)!r} has pseudo-label format version {doc.get('version')}, "
                         f"this s4l reads {VERSION}")
+    # Entries are checked here, once, so every reader below may trust their types.
+    names = doc.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(c, str) for c in names):
+        raise UserError(f"{str(p)!r}: class_names must be a non-empty list of strings")
+    samples = doc.get("samples")
+    if not isinstance(samples, list):
+        raise UserError(f"{str(p)!r}: samples must be a list")
+    if not isinstance(doc.get("provenance", {}), dict):
+        raise UserError(f"{str(p)!r}: provenance must be an object")
+    seen: set[str] = set()
+    for i, s in enumerate(samples):
+        where = f"{str(p)!r} sample {i}"
+        if not isinstance(s, dict) or "name" not in s or "label" not in s:
+            raise UserError(f"{where}: expected an object with 'name' and 'label'")
+        check_relative_name(s["name"], where)
+        lab = s["label"]
+        if isinstance(lab, bool) or not isinstance(lab, int) or not 0 <= lab < len(names):
+            raise UserError(f"{where}: label {lab!r} is not a class index in [0, {len(names)})")
+        if s["name"] in seen:
+            raise UserError(f"{where}: {s['name']!r} is listed twice")
+        seen.add(s["name"])
     return doc
 
 
