@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from s4l.errors import UserError
+from s4l.safeload import load_npz_safely, parse_json
 
 FORMAT = "s4l-head"
 FORMAT_VERSION = 1
@@ -129,28 +129,19 @@ def load_head(path: str | os.PathLike, *, max_bytes: int = MAX_HEAD_BYTES) -> He
     """Read and verify a head file; any problem is a UserError with a one-line reason."""
     path = Path(path)
     where = f"head file {path}"
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise UserError(f"{where}: cannot read: {e.strerror or e}") from None
-    if size > max_bytes:
-        raise UserError(f"{where}: {size:,} bytes is over the {max_bytes:,}-byte limit")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"weight", "bias", "meta"} - set(z.files)
-            if missing:
-                raise UserError(f"{where}: not an s4l head (missing {sorted(missing)})")
-            weight, bias, blob = z["weight"], z["bias"], z["meta"]
-    except UserError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"{where}: unreadable or truncated ({type(e).__name__}: {e})") from None
+    # One pickle-free reader for every .npz s4l accepts (object arrays and zip bombs refused).
+    arrays = load_npz_safely(path, max_bytes, what="head file")
+    missing = {"weight", "bias", "meta"} - set(arrays)
+    if missing:
+        raise UserError(f"{where}: not an s4l head (missing {sorted(missing)})")
+    weight, bias, blob = arrays["weight"], arrays["bias"], arrays["meta"]
     if blob.dtype != np.uint8 or blob.ndim != 1:
         raise UserError(f"{where}: metadata is not a uint8 JSON blob")
     try:
-        meta = json.loads(blob.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = blob.tobytes().decode("utf-8")
+    except UnicodeDecodeError as e:
         raise UserError(f"{where}: metadata is not valid JSON ({e})") from None
+    meta = parse_json(text, f"{where} metadata")  # strict: repeated keys, NaN refused
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{where}: not an s4l head (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     if meta.get("format_version") != FORMAT_VERSION:

@@ -115,10 +115,10 @@ def test_bad_head_files_are_refused_with_one_line(tmp_path):
     data = p.read_bytes()
     cases = {}
     (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])
-    cases["trunc.npz"] = "unreadable or truncated"
+    cases["trunc.npz"] = "not a valid .npz archive"
     (tmp_path / "empty.npz").write_bytes(b"")
-    cases["empty.npz"] = "unreadable or truncated"
-    cases["missing.npz"] = "cannot read"
+    cases["empty.npz"] = "not a valid .npz archive"
+    cases["missing.npz"] = "does not exist"
     # Hand-edited weights: same shape, one number changed, metadata untouched.
     with np.load(p) as z:
         w, b, m = z["weight"].copy(), z["bias"], z["meta"]
@@ -137,7 +137,7 @@ def test_bad_head_files_are_refused_with_one_line(tmp_path):
         z.writestr("weight.npy", buf.getvalue())
         z.writestr("bias.npy", buf.getvalue())
         z.writestr("meta.npy", buf.getvalue())
-    cases["pickled.npz"] = "unreadable"
+    cases["pickled.npz"] = "object array"
     for name, msg in cases.items():
         with pytest.raises(UserError, match=msg) as e:
             load_head(tmp_path / name)

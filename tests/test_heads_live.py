@@ -168,7 +168,7 @@ def test_bad_head_refuses_to_start(files, case):
     elif case == "truncated":
         data = files["head"].read_bytes()
         bad.write_bytes(data[: len(data) - 40])
-        msg = "truncated"
+        msg = "not a valid .npz archive"
     elif case == "edited":
         with np.load(files["head"]) as z:
             w, b, m = z["weight"].copy(), z["bias"], z["meta"]
@@ -181,7 +181,7 @@ def test_bad_head_refuses_to_start(files, case):
                             class_names=("a", "b"), model_hash=h.model_hash))
         msg = "embedding is"
     else:
-        msg = "cannot read"
+        msg = "does not exist"
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("S4L_")}
     p = subprocess.run([sys.executable, "-m", "s4l.cli", "serve", "--model", str(files["model"]),
                         "--port", "0", "--head", f"bad={bad}"], env=env, capture_output=True,
@@ -235,7 +235,7 @@ def test_reload_under_load_swaps_atomically(files):
             live.write_bytes(live.read_bytes()[:100])
             r = httpx.post(srv.url + "/admin/reload-heads", timeout=30,
                            headers={"Authorization": f"Bearer {ADMIN}"})
-            assert r.status_code == 409 and "truncated" in r.json()["error"]["message"]
+            assert r.status_code == 409 and "not a valid .npz archive" in r.json()["error"]["message"]
             time.sleep(0.5)
         finally:
             stop.set()
