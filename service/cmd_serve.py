@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-HELP = "serve an exported ONNX model over HTTP (/embed, /classify, /healthz, /readyz, /info, /metrics)"
+HELP = "serve an exported ONNX model over HTTP (/embed, /classify, /search, /healthz, /readyz, /info, /metrics)"
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "start without CUDA")
     parser.add_argument("--max-batch-size", type=int, help="env S4L_MAX_BATCH_SIZE (default 0 = auto: 2 x usable CPUs on CPU, 32 on CUDA)")
     parser.add_argument("--max-wait-ms", type=float, help="env S4L_MAX_WAIT_MS (default 5)")
+    parser.add_argument("--gallery", action="append", metavar="NAME=FEATURES.H5",
+                        help="serve an `s4l extract` feature file of this model to POST /search "
+                             "(repeatable; env S4L_GALLERIES=NAME=PATH,NAME=PATH)")
+    parser.add_argument("--gallery-dtype", choices=["float32", "float16"],
+                        help="gallery storage (env S4L_GALLERY_DTYPE, default float32; float16 "
+                             "halves the memory, searches slower)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -29,23 +35,32 @@ def main(args: argparse.Namespace) -> int:
     from s4l.errors import UserError
     from s4l.service.app import create_app, load_backend
     from s4l.service.backend import ModelLoadError
+    from s4l.service.gallery import GalleryError, load_galleries
     from s4l.service.settings import Settings
 
     overrides = {k: v for k, v in {
         "model": args.model, "host": args.host, "port": args.port, "provider": args.provider,
-        "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms}.items()
+        "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+        "galleries": args.gallery, "gallery_dtype": args.gallery_dtype}.items()
         if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
-        raise UserError(f"bad server settings: {e}") from e
+        reasons = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: "
+                            f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+        raise UserError(f"bad server settings: {reasons}") from e
     if settings.model is None:
         raise UserError("no model: pass --model model.onnx or set S4L_MODEL")
     try:
         backend = load_backend(settings)
     except ModelLoadError as e:
         raise UserError(str(e)) from e
-    app = create_app(settings, backend=backend)
+    try:
+        galleries = load_galleries(settings.galleries, backend.info, settings.gallery_dtype)
+    except GalleryError as e:
+        backend.close()
+        raise UserError(str(e)) from e
+    app = create_app(settings, backend=backend, galleries=galleries)
     log.info("serving %s on http://%s:%d (%s)", settings.model, settings.host, settings.port,
              backend.provider)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,

@@ -34,6 +34,8 @@ class ServiceState:
     decode_threads: int
     ready: bool = False
     not_ready_reason: str = "starting"
+    galleries: dict = field(default_factory=dict)  # name -> s4l.service.gallery.Gallery
+    search_pool: ThreadPoolExecutor | None = None  # one thread: a search's matmul is already parallel
     extra: dict = field(default_factory=dict)
 
 

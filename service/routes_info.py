@@ -31,4 +31,5 @@ async def info(state: State) -> dict[str, Any]:
         "threads": {"intra_op": getattr(state.backend, "threads", None),
                     "decode": state.decode_threads},
         "auth": s.api_key is not None,
+        "galleries": [g.describe() for g in state.galleries.values()],
     }

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from s4l.service.gallery import parse_gallery_specs
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -42,3 +44,14 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, Bearer token required")
     graceful_shutdown_s: float = Field(30.0, ge=0.0)
     log_level: str = "info"
+
+    galleries: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict,
+        description="feature files served by /search: NAME=PATH items, comma-separated in S4L_GALLERIES")
+    gallery_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="gallery storage: float32 (4 x D bytes per row, fastest) or float16 (half)")
+
+    @field_validator("galleries", mode="before")
+    @classmethod
+    def _galleries(cls, v):
+        return parse_gallery_specs(v)

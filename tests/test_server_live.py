@@ -333,7 +333,7 @@ def test_schemathesis_finds_no_server_errors(server, reference):
             except Unsatisfiable:
                 # Nothing to get wrong (no parameters or body): no negative cases exist.
                 assert mode == GenerationMode.NEGATIVE, op.label
-    assert len(seen) == 6 and all(seen.values())
+    assert len(seen) == 7 and all(seen.values())
     assert_healthy(server, reference)
 
 
