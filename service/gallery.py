@@ -32,8 +32,10 @@ from s4l.service.backend import ModelInfo
 log = logging.getLogger(__name__)
 
 STORAGE_DTYPES = ("float32", "float16")
-BLOCK_ROWS = 8192  # rows per matmul block: the [Q, BLOCK_ROWS] scores stay small
-LOAD_BYTES = 16 << 20  # float32 bytes read from the file per load step
+# Rows per matmul block. float32 rows are used in place, so only the [Q, rows] scores scale with
+# it; float16 rows are widened into a [rows, D] float32 buffer, so that block is smaller.
+BLOCK_ROWS = {"float32": 32768, "float16": 4096}
+LOAD_BYTES = 8 << 20  # float32 bytes read from the file per load step
 MAX_TOP_K = 1000
 EMBEDDING_LAYER = "pre_logits"  # the served `embedding` (canonical name, s4l.evaluation.features)
 
@@ -90,8 +92,9 @@ class Gallery:
     def path(self, row: int) -> str:
         return self._paths[self._offsets[row]:self._offsets[row + 1]].decode("utf-8")
 
-    def search(self, queries: np.ndarray, top_k: int, block_rows: int = BLOCK_ROWS) -> Hits:
+    def search(self, queries: np.ndarray, top_k: int, block_rows: int | None = None) -> Hits:
         """Exact cosine top-k of each query row (a zero query scores 0 against every row)."""
+        block_rows = block_rows or BLOCK_ROWS.get(str(self.vectors.dtype), 4096)
         q = np.array(queries, dtype=np.float64, ndmin=2)
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, gallery {self.name} has {self.dim}")
@@ -188,15 +191,19 @@ def _read_unit_rows(ff, storage: str, where: str) -> np.ndarray:
     n, d = ff.n, ff.dim
     out = np.empty((n, d), dtype=storage)
     step = max(ff.block_rows, (LOAD_BYTES // (4 * d)) // ff.block_rows * ff.block_rows)
+    buf = np.empty((min(step, n), d), np.float32)  # the one float32 block, reused
     zero = 0
     for lo in range(0, n, step):
-        block = np.asarray(ff.features[lo:lo + step], dtype=np.float32)
+        hi = min(n, lo + step)
+        block = buf[:hi - lo]
+        ff.features.read_direct(block, np.s_[lo:hi], np.s_[0:hi - lo])  # HDF5 converts float16
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             raise GalleryError(f"{where}: row {lo + int(np.argmin(finite))} has NaN or infinite values")
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))[:, None]
         zero += int((norms == 0).sum())
-        out[lo:lo + len(block)] = block / np.where(norms > 0, norms, 1.0)
+        np.divide(block, np.where(norms > 0, norms, 1.0), out=block, casting="unsafe")
+        out[lo:hi] = block
     if zero:
         log.warning("%s: %d all-zero rows score 0 against every query", where, zero)
     return out
