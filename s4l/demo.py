@@ -6,8 +6,9 @@ commands), in its own process, into one output folder:
 1. train S4L-Rotation and a supervised baseline on builtin:digits with 10% of the labels;
 2. extract features of the test split to HDF5 and fit the linear probe on them;
 3. export the S4L model to ONNX (checked against torch at export);
-4. start the HTTP server on a free local port, send held-out digit images to /embed and
-   /classify as a real client, check /readyz and /metrics, stop the server;
+4. start the HTTP server on a free local port with the train-split features as a /search
+   gallery, send held-out digit images to /embed, /classify and /search as a real client,
+   check /readyz and /metrics, stop the server;
 5. print a summary table and the path of every artifact.
 
 A second run reuses every finished artifact (training resumes into a finished workdir, which
@@ -147,7 +148,25 @@ def _sample_images(out: Path, n: int = 4) -> list[tuple[Path, str]]:
     return picked
 
 
-def _serve_and_query(model: Path, out: Path, port: int) -> dict[str, Any]:
+def _search_gallery(base: str, samples: list[tuple[Path, str]]) -> str:
+    """POST /search with the held-out images against the train-split gallery; '<n>/<m>' whose
+    nearest train image has the same label."""
+    body, ctype = _multipart([(p.name, p.read_bytes(), "image/png") for p, _ in samples])
+    status, raw = _http("POST", base + "/search?top_k=3&gallery=train", body, {"Content-Type": ctype})
+    if status != 200:
+        raise StepFailed(f"POST /search answered {status}: {raw[:300]!r}")
+    print("POST /search (same images, gallery = train-split features, top_k=3) -> 200:")
+    same = 0
+    for (path, truth), res in zip(samples, json.loads(raw)["results"]):
+        if "error" in res:
+            raise StepFailed(f"/search failed on {path.name}: {res['error']}")
+        near = ", ".join(f"{m['path']} ({m['class_name']}) {m['score']:.3f}" for m in res["matches"])
+        same += res["matches"][0]["class_name"] == truth
+        print(f"  {path.name:28s} nearest: {near}")
+    return f"{same}/{len(samples)}"
+
+
+def _serve_and_query(model: Path, out: Path, port: int, gallery: Path | None = None) -> dict[str, Any]:
     port = port or _free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = out / "server.log"
@@ -155,7 +174,8 @@ def _serve_and_query(model: Path, out: Path, port: int) -> dict[str, Any]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "s4l.cli", "serve", "--model", str(model), "--host",
-             "127.0.0.1", "--port", str(port)],
+             "127.0.0.1", "--port", str(port),
+             *(["--gallery", f"train={gallery}"] if gallery else [])],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     print(f"$ s4l serve --model {model} --port {port}   (log: {log_path})", flush=True)
@@ -206,6 +226,8 @@ def _serve_and_query(model: Path, out: Path, port: int) -> dict[str, Any]:
             correct += res["top_k"][0]["label"] == truth
             print(f"  {path.name:28s} true {truth}  top-3: {top}")
 
+        searched = _search_gallery(base, samples) if gallery else None
+
         status, raw = _http("GET", base + "/metrics")
         text = raw.decode(errors="replace")
         if status != 200 or "s4l_" not in text:
@@ -215,6 +237,7 @@ def _serve_and_query(model: Path, out: Path, port: int) -> dict[str, Any]:
         for ln in images:
             print(f"  {ln}")
         return {"port": port, "served_top1": f"{correct}/{len(samples)}", "dim": embed["dim"],
+                "search_nearest_same_label": searched,
                 "provider": ready.get("provider") or ready.get("execution_provider")}
     finally:
         proc.terminate()
@@ -282,7 +305,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"reusing {onnx_path}")
 
     _banner(4, "serve it over HTTP and query it as a client would")
-    served = timed("serve", _serve_and_query, onnx_path, out, args.port)
+    served = timed("serve", _serve_and_query, onnx_path, out, args.port, feats["train"])
 
     _banner(5, "summary")
     rows = [
@@ -290,6 +313,7 @@ def main(args: argparse.Namespace) -> int:
         ("supervised test top-1", _pct(results["supervised"], "eval/top1")),
         ("linear probe on S4L features, top-1", _pct({"v": _probe_top1(probe)}, "v")),
         ("served /classify correct", served["served_top1"]),
+        ("/search nearest train image, same label", str(served["search_nearest_same_label"])),
         ("embedding dim", str(served["dim"])),
         ("total time", f"{time.monotonic() - t0:.0f} s"),
     ]

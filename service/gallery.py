@@ -102,27 +102,25 @@ class Gallery:
         q /= np.maximum(np.abs(q).max(axis=1, keepdims=True), np.finfo(np.float64).tiny)
         q = (q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-300)).astype(np.float32)
         k = max(1, min(int(top_k), self.rows))
+        best_s = np.full((len(q), k), -np.inf, np.float32)
+        best_i = np.full((len(q), k), -1, np.int64)
         buf = None if self.vectors.dtype == np.float32 else np.empty((block_rows, self.dim), np.float32)
-        cand_s, cand_i = [], []
         for lo in range(0, self.rows, block_rows):
             block = self.vectors[lo:lo + block_rows]
             if buf is not None:  # float16 storage: widen one block at a time
                 np.copyto(buf[:len(block)], block)
                 block = buf[:len(block)]
             s = q @ block.T  # [Q, n] float32
-            if s.shape[1] > k:
-                part = np.argpartition(s, s.shape[1] - k, axis=1)[:, -k:]
-                s = np.take_along_axis(s, part, 1)
-            else:
-                part = np.broadcast_to(np.arange(s.shape[1]), s.shape)
-            cand_s.append(s)
-            cand_i.append(part + lo)
-        scores, rows = np.concatenate(cand_s, 1), np.concatenate(cand_i, 1)
-        if scores.shape[1] > k:
-            part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]
-            scores, rows = np.take_along_axis(scores, part, 1), np.take_along_axis(rows, part, 1)
-        order = np.lexsort((rows, -scores))  # best first; ties by row, so answers are stable
-        return Hits(rows=np.take_along_axis(rows, order, 1), scores=np.take_along_axis(scores, order, 1))
+            # Seed the running top-k from a small slice first, so that the rest of the block is
+            # only compared with the k-th best so far (an argpartition of every [Q, n] block
+            # costs several times the matmul).
+            seed = min(s.shape[1], max(4 * k, 1024)) if np.isneginf(best_s).any() else 0
+            if seed:
+                best_s, best_i = _merge(best_s, best_i, s[:, :seed], lo)
+            best_s, best_i = _merge(best_s, best_i, s[:, seed:], lo + seed)
+        order = np.lexsort((best_i, -best_s))  # best first; ties by row, so answers are stable
+        return Hits(rows=np.take_along_axis(best_i, order, 1),
+                    scores=np.take_along_axis(best_s, order, 1))
 
     def matches(self, hits: Hits, i: int) -> list[dict[str, Any]]:
         """Query ``i``'s hits as JSON-ready dicts: row, path, label (None if unknown), class name."""
@@ -141,6 +139,26 @@ class Gallery:
                 "bytes": self.nbytes, "source": self.source, "model_hash": self.model_hash,
                 "layer": self.layer, "num_classes": len(self.class_names) if self.class_names else None,
                 "search": "exact cosine"}
+
+
+def _merge(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, offset: int):
+    """The running top-k ``[Q, k]`` updated with the scores ``s`` ``[Q, n]`` of rows from ``offset``."""
+    if s.shape[1] == 0:
+        return best_s, best_i
+    q_n, k = best_s.shape
+    qi, cj = np.nonzero(s > best_s.min(axis=1, keepdims=True))
+    if len(qi) == 0:
+        return best_s, best_i
+    counts = np.bincount(qi, minlength=q_n)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    pos = np.arange(len(qi)) - starts[qi]  # np.nonzero is row-major: rank within its query
+    width = int(counts.max())
+    cand_s = np.full((q_n, k + width), -np.inf, np.float32)
+    cand_i = np.full((q_n, k + width), -1, np.int64)
+    cand_s[:, :k], cand_i[:, :k] = best_s, best_i
+    cand_s[qi, k + pos], cand_i[qi, k + pos] = s[qi, cj], cj + offset
+    part = np.argpartition(cand_s, width, axis=1)[:, width:]  # the k largest
+    return np.take_along_axis(cand_s, part, 1), np.take_along_axis(cand_i, part, 1)
 
 
 def load_gallery(name: str, path: str | os.PathLike, info: ModelInfo,

@@ -35,6 +35,7 @@ def test_demo_runs_end_to_end_and_reuses_artifacts(tmp_path):
     assert set(summary["train"]) == {"s4l-rotation", "supervised"}
     assert "POST /classify" in first.stdout and "GET /readyz -> 200" in first.stdout
     assert "s4l_images_total" in first.stdout
+    assert "POST /search" in first.stdout and summary["served"]["search_nearest_same_label"]
 
     second = _demo(out)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -265,3 +265,20 @@ def test_blocked_search_equals_brute_force(dtype):
     m = g.matches(g.search(q[:1], 2), 0)
     assert m[0]["path"] == paths[m[0]["row"]] and m[0]["class_name"] == "abcdefg"[m[0]["row"] % 7]
     assert g.bytes_per_row == pytest.approx(np.dtype(dtype).itemsize * d + 8 + 8 + len(blob) / n, rel=1e-3)
+
+
+def test_search_with_tied_and_zero_rows():
+    # Identical rows all tie at score 1: k distinct rows come back, ties ordered by row.
+    n, d = 50, 6
+    vecs = np.zeros((n, d), np.float32)
+    vecs[:40, 0] = 1.0  # 40 identical unit rows, 10 zero rows (score 0)
+    offsets = np.arange(n + 1)
+    g = Gallery("t", vecs, np.full(n, -1), b"x" * n, offsets)
+    hits = g.search(np.eye(d)[:1] * 3.0, 45, block_rows=16)
+    assert hits.rows[0, :40].tolist() == list(range(40))
+    np.testing.assert_allclose(hits.scores[0, :40], 1.0)
+    np.testing.assert_allclose(hits.scores[0, 40:], 0.0)
+    # Which of the tied zero rows fill the last places is not specified; they are distinct.
+    tail = hits.rows[0, 40:].tolist()
+    assert len(set(tail)) == 5 and set(tail) <= set(range(40, 50)) and tail == sorted(tail)
+    assert g.matches(hits, 0)[0] == {"row": 0, "path": "x", "label": None, "class_name": None, "score": 1.0}
