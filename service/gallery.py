@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 
 STORAGE_DTYPES = ("float32", "float16")
 # Rows per matmul block. float32 rows are used in place, so only the [Q, rows] scores scale with
-# it; float16 rows are widened into a [rows, D] float32 buffer, so that block is smaller.
-BLOCK_ROWS = {"float32": 32768, "float16": 4096}
+# it (32 MB at 64 queries). Measured in one run on 100,000 x 2,048 (2 shared cores), median ms
+# per search vs the bare matmul: 1 query 107 / 122 / 237 for 131,072 / 32,768 / 8,192-row
+# blocks vs 99; 64 queries 872 / 954 / 1177 vs 780. float16 rows are widened into a
+# [rows, D] float32 buffer, so that block is smaller.
+BLOCK_ROWS = {"float32": 131072, "float16": 4096}
 LOAD_BYTES = 8 << 20  # float32 bytes read from the file per load step
 MAX_TOP_K = 1000
 EMBEDDING_LAYER = "pre_logits"  # the served `embedding` (canonical name, s4l.evaluation.features)
