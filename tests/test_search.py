@@ -282,3 +282,33 @@ def test_search_with_tied_and_zero_rows():
     tail = hits.rows[0, 40:].tolist()
     assert len(set(tail)) == 5 and set(tail) <= set(range(40, 50)) and tail == sorted(tail)
     assert g.matches(hits, 0)[0] == {"row": 0, "path": "x", "label": None, "class_name": None, "score": 1.0}
+
+
+def test_gallery_choice_with_several_galleries_and_none():
+    import asyncio
+
+    from s4l.service.app import create_app
+    from s4l.service.backend import DummyBackend
+    from s4l.service.settings import Settings
+
+    def gallery(name, rows):
+        v = np.eye(8, dtype=np.float32)[:rows]
+        return Gallery(name, v, np.arange(rows), b"p" * rows, np.arange(rows + 1))
+
+    async def go(galleries):
+        app = create_app(Settings(), backend=DummyBackend(dim=8), galleries=galleries)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://t") as c:
+                body = {"embeddings": [[0, 0, 1, 0, 0, 0, 0, 0]]}
+                return [await c.post("/search", json=body, params=p)
+                        for p in ({}, {"gallery": "small", "top_k": 50}, {"gallery": "big"})]
+
+    none, _, _ = asyncio.run(go({}))
+    assert none.status_code == 400 and none.json()["error"]["code"] == "no_gallery"
+    several, small, big = asyncio.run(go({"small": gallery("small", 4), "big": gallery("big", 8)}))
+    assert several.status_code == 422 and several.json()["error"]["code"] == "gallery_required"
+    assert "small, big" in several.json()["error"]["message"]
+    assert small.json()["gallery"] == "small" and len(small.json()["results"][0]["matches"]) == 4
+    assert big.json()["results"][0]["matches"][0] == {"row": 2, "path": "p", "label": 2,
+                                                      "class_name": None, "score": 1.0}
