@@ -80,6 +80,10 @@ KNOWN: dict[str, Known] = {
         full=("--int8", "--duration", "10"),
         reference="the raw onnxruntime session on the same crops, in alternating windows "
                   "(targets: >= 0.85x raw throughput at concurrency >= 8, p99 <= 1.3x raw p50 at 1)"),
+    "search": Known(
+        quick=("--rows", "20000", "--windows", "1"),
+        reference="a bare numpy float32 q @ M.T over the same unit rows, in alternating windows "
+                  "(Gallery.search queries/s over matmul queries/s; target >= 0.8); RSS per row"),
 }
 # Field names that hold a ratio ("iterations" and "duration" contain "ratio" but are not one).
 RATIO_KEY = re.compile(r"(?:^|_)ratios?(?:_|$)|_over_|_vs_|speedup", re.I)
