@@ -7,10 +7,10 @@ file in blocks and never holds more than one float32 block beside the stored mat
 is one float32 matmul per block of rows (``BLOCK_ROWS``) with an argpartition top-k per block,
 merged at the end, so no ``[Q, N]`` score matrix is ever built.
 
-Why float32 is the default (benchmarks/search.py): numpy converts float16 to float32 at about
-2.5 ns per value on the 2-core dev machine, so a float16 gallery of 100,000 x 2,048 spends ~0.5 s
-per search in conversion while the float32 matmul itself takes ~0.1 s; float16 halves the
-memory at that cost.
+Why float32 is the default (benchmarks/search.py, 100,000 x 2,048 on the shared 2-core dev
+machine): float32 searches at 0.84-1.00x a bare numpy matmul over the same rows; float16 halves
+the memory but numpy widens float16 to float32 at several ns per value, and that cost made its
+searches 0.03x (1 query per call) to 0.22x (64 queries) the matmul.
 
 Reads HDF5 through ``s4l.evaluation.features`` (h5py + numpy, no torch), imported on first load
 so a server without galleries does not need h5py.
