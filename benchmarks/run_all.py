@@ -84,6 +84,10 @@ KNOWN: dict[str, Known] = {
         quick=("--duration", "3", "--windows", "2"),
         reference="/classify with one 205-class head on the same server and images, in "
                   "alternating windows (target: 4 heads < 1.05x one head per image)"),
+    "search": Known(
+        quick=("--rows", "20000", "--windows", "1"),
+        reference="a bare numpy float32 q @ M.T over the same unit rows, in alternating windows "
+                  "(Gallery.search queries/s over matmul queries/s; target >= 0.8); RSS per row"),
 }
 # Field names that hold a ratio ("iterations" and "duration" contain "ratio" but are not one).
 RATIO_KEY = re.compile(r"(?:^|_)ratios?(?:_|$)|_over_|_vs_|speedup", re.I)

@@ -7,9 +7,10 @@ commands), in its own process, into one output folder:
 2. extract features of the test split to HDF5 and fit the linear probe on them;
 3. export the S4L model to ONNX (checked against torch at export);
 4. start the HTTP server on a free local port with the probe's head served next to the model
-   (`--head digits-probe=...`), send held-out digit images to /embed, /classify (the model's own
-   head) and /classify?head=digits-probe&head=model (both heads, one backbone run) as a real
-   client, list GET /heads, check /readyz and /metrics, stop the server;
+   (`--head digits-probe=...`) and the train-split features as a /search gallery, send held-out
+   digit images to /embed, /classify (the model's own head), /classify?head=digits-probe&head=model
+   (both heads, one backbone run) and /search as a real client, list GET /heads, check /readyz
+   and /metrics, stop the server;
 5. print a summary table and the path of every artifact.
 
 A second run reuses every finished artifact (training resumes into a finished workdir, which
@@ -149,10 +150,29 @@ def _sample_images(out: Path, n: int = 4) -> list[tuple[Path, str]]:
     return picked
 
 
+def _search_gallery(base: str, samples: list[tuple[Path, str]]) -> str:
+    """POST /search with the held-out images against the train-split gallery; '<n>/<m>' whose
+    nearest train image has the same label."""
+    body, ctype = _multipart([(p.name, p.read_bytes(), "image/png") for p, _ in samples])
+    status, raw = _http("POST", base + "/search?top_k=3&gallery=train", body, {"Content-Type": ctype})
+    if status != 200:
+        raise StepFailed(f"POST /search answered {status}: {raw[:300]!r}")
+    print("POST /search (same images, gallery = train-split features, top_k=3) -> 200:")
+    same = 0
+    for (path, truth), res in zip(samples, json.loads(raw)["results"]):
+        if "error" in res:
+            raise StepFailed(f"/search failed on {path.name}: {res['error']}")
+        near = ", ".join(f"{m['path']} ({m['class_name']}) {m['score']:.3f}" for m in res["matches"])
+        same += res["matches"][0]["class_name"] == truth
+        print(f"  {path.name:28s} nearest: {near}")
+    return f"{same}/{len(samples)}"
+
+
 PROBE_HEAD = "digits-probe"
 
 
-def _serve_and_query(model: Path, out: Path, port: int, head: Path | None = None) -> dict[str, Any]:
+def _serve_and_query(model: Path, out: Path, port: int, head: Path | None = None,
+                     gallery: Path | None = None) -> dict[str, Any]:
     port = port or _free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = out / "server.log"
@@ -161,10 +181,12 @@ def _serve_and_query(model: Path, out: Path, port: int, head: Path | None = None
         proc = subprocess.Popen(
             [sys.executable, "-m", "s4l.cli", "serve", "--model", str(model), "--host",
              "127.0.0.1", "--port", str(port),
-             *(["--head", f"{PROBE_HEAD}={head}"] if head else [])],
+             *(["--head", f"{PROBE_HEAD}={head}"] if head else []),
+             *(["--gallery", f"train={gallery}"] if gallery else [])],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
-    head_arg = f" --head {PROBE_HEAD}={head}" if head else ""
+    head_arg = (f" --head {PROBE_HEAD}={head}" if head else "") + \
+        (f" --gallery train={gallery}" if gallery else "")
     print(f"$ s4l serve --model {model}{head_arg} --port {port}   (log: {log_path})", flush=True)
     try:
         deadline = time.monotonic() + 120
@@ -239,7 +261,7 @@ def _serve_and_query(model: Path, out: Path, port: int, head: Path | None = None
                 print(f"  {path.name:28s} true {truth}  probe head: {p['label']} {p['score']:.2f}"
                       f"  model head: {m['label']} {m['score']:.2f}")
 
-        # (POST /search over the extracted gallery goes here: issue 13, search part.)
+        searched = _search_gallery(base, samples) if gallery else None
 
         status, raw = _http("GET", base + "/metrics")
         text = raw.decode(errors="replace")
@@ -252,6 +274,7 @@ def _serve_and_query(model: Path, out: Path, port: int, head: Path | None = None
         return {"port": port, "served_top1": f"{correct}/{len(samples)}", "dim": embed["dim"],
                 "served_probe_head_top1": (f"{probe_correct}/{len(samples)}"
                                            if probe_correct is not None else None),
+                "search_nearest_same_label": searched,
                 "provider": ready.get("provider") or ready.get("execution_provider")}
     finally:
         proc.terminate()
@@ -321,7 +344,7 @@ def main(args: argparse.Namespace) -> int:
 
     _banner(4, "serve it over HTTP and query it as a client would")
     head = _probe_head(probe)
-    served = timed("serve", _serve_and_query, onnx_path, out, args.port, head)
+    served = timed("serve", _serve_and_query, onnx_path, out, args.port, head, feats["train"])
 
     _banner(5, "summary")
     rows = [
@@ -330,6 +353,7 @@ def main(args: argparse.Namespace) -> int:
         ("linear probe on S4L features, top-1", _pct({"v": _probe_top1(probe)}, "v")),
         ("served /classify correct (model head)", served["served_top1"]),
         ("served /classify correct (probe head)", served["served_probe_head_top1"] or "n/a"),
+        ("/search nearest train image, same label", str(served["search_nearest_same_label"])),
         ("embedding dim", str(served["dim"])),
         ("total time", f"{time.monotonic() - t0:.0f} s"),
     ]

@@ -21,11 +21,13 @@ from s4l.service import (
     routes_health,
     routes_info,
     routes_metrics,
+    routes_search,
 )
 from s4l.service.backend import Backend, OnnxBackend, available_cpus
 from s4l.service.batching import MicroBatcher
 from s4l.service.deps import ApiKey
 from s4l.service.errors import error_json, install_error_handlers
+from s4l.service.gallery import Gallery, load_galleries
 from s4l.service.head_registry import HeadRegistry, load_registry, reload_heads
 from s4l.service.limits import BodyLimitMiddleware, BodyTooLarge
 from s4l.service.pipeline import ServiceState
@@ -34,7 +36,8 @@ from s4l.service.telemetry import Metrics, MetricsMiddleware
 
 log = logging.getLogger(__name__)
 
-_ROUTERS = (routes_health, routes_embed, routes_classify, routes_heads, routes_info, routes_metrics)
+_ROUTERS = (routes_health, routes_embed, routes_classify, routes_heads, routes_search, routes_info,
+            routes_metrics)
 
 DESCRIPTION = (
     "Embeddings and class predictions from an `s4l export` ONNX model. Images go through the "
@@ -70,12 +73,16 @@ def effective_max_batch_size(settings: Settings, backend: Backend) -> int:
     return 2 * available_cpus()
 
 
-def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, backend: Backend | None = None,
+               galleries: dict[str, Gallery] | None = None) -> FastAPI:
     """Build the app. Without ``backend`` the ONNX model named by the settings is loaded now,
-    so a bad model or a missing provider fails here, before the server listens."""
+    so a bad model or a missing provider fails here, before the server listens; so are the
+    settings' galleries without ``galleries`` (GalleryError on a mismatch)."""
     settings = settings or Settings()
     backend = backend if backend is not None else load_backend(settings)
     heads = load_heads(settings, backend)
+    if galleries is None:
+        galleries = load_galleries(settings.galleries, backend.info, settings.gallery_dtype)
     metrics = Metrics()
     batcher = MicroBatcher(backend.run, max_batch_size=effective_max_batch_size(settings, backend),
                            max_wait_s=settings.max_wait_ms / 1000.0,
@@ -83,7 +90,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     decode_threads = settings.decode_threads or available_cpus()
     pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="s4l-decode")
     state = ServiceState(settings=settings, backend=backend, metrics=metrics, batcher=batcher,
-                         decode_pool=pool, decode_threads=decode_threads, heads=heads)
+                         decode_pool=pool, decode_threads=decode_threads, heads=heads,
+                         galleries=galleries,
+                         search_pool=ThreadPoolExecutor(1, thread_name_prefix="s4l-search")
+                         if galleries else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -98,6 +108,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             state.ready, state.not_ready_reason = False, "shutting down"
             await batcher.stop()  # in-flight requests finish first (uvicorn waits for them)
             pool.shutdown(wait=True)
+            if state.search_pool is not None:
+                state.search_pool.shutdown(wait=True)
             backend.close()
 
     app = FastAPI(title="s4l service", version=s4l.__version__, description=DESCRIPTION,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-HELP = ("serve an exported ONNX model over HTTP (/embed, /classify, /heads, /healthz, /readyz, "
-        "/info, /metrics)")
+HELP = ("serve an exported ONNX model over HTTP (/embed, /classify, /heads, /search, /healthz, "
+        "/readyz, /info, /metrics)")
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a task head from `s4l probe` (heads/*.npz), served as "
                              "/classify?head=NAME; repeat for several (env S4L_HEADS, comma-separated)")
     parser.add_argument("--max-wait-ms", type=float, help="env S4L_MAX_WAIT_MS (default 5)")
+    parser.add_argument("--gallery", action="append", metavar="NAME=FEATURES.H5",
+                        help="serve an `s4l extract` feature file of this model to POST /search "
+                             "(repeatable; env S4L_GALLERIES=NAME=PATH,NAME=PATH)")
+    parser.add_argument("--gallery-dtype", choices=["float32", "float16"],
+                        help="gallery storage (env S4L_GALLERY_DTYPE, default float32; float16 "
+                             "halves the memory, searches slower)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -33,24 +39,33 @@ def main(args: argparse.Namespace) -> int:
     from s4l.errors import UserError
     from s4l.service.app import create_app, load_backend
     from s4l.service.backend import ModelLoadError
+    from s4l.service.gallery import GalleryError, load_galleries
     from s4l.service.settings import Settings
 
     overrides = {k: v for k, v in {
         "model": args.model, "host": args.host, "port": args.port, "provider": args.provider,
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-        "heads": tuple(args.head) if args.head else None}.items()
+        "heads": tuple(args.head) if args.head else None,
+        "galleries": args.gallery, "gallery_dtype": args.gallery_dtype}.items()
         if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
-        raise UserError(f"bad server settings: {e}") from e
+        reasons = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: "
+                            f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+        raise UserError(f"bad server settings: {reasons}") from e
     if settings.model is None:
         raise UserError("no model: pass --model model.onnx or set S4L_MODEL")
     try:
         backend = load_backend(settings)
     except ModelLoadError as e:
         raise UserError(str(e)) from e
-    app = create_app(settings, backend=backend)
+    try:
+        galleries = load_galleries(settings.galleries, backend.info, settings.gallery_dtype)
+    except GalleryError as e:
+        backend.close()
+        raise UserError(str(e)) from e
+    app = create_app(settings, backend=backend, galleries=galleries)
     log.info("serving %s on http://%s:%d (%s)", settings.model, settings.host, settings.port,
              backend.provider)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,

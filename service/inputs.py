@@ -1,10 +1,12 @@
-"""Reads the images of an /embed or /classify request: multipart ``files`` parts or JSON base64."""
+"""Reads the images of an /embed, /classify or /search request (multipart ``files`` parts or JSON
+base64) and the raw query vectors /search also takes (JSON ``{"embeddings": [[...], ...]}``)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -34,6 +36,20 @@ REQUEST_BODY = {
 }
 
 
+_IMAGES_JSON = REQUEST_BODY["content"][JSON]["schema"]
+_EMBEDDINGS_JSON = {
+    "type": "object", "required": ["embeddings"], "additionalProperties": False,
+    "properties": {"embeddings": {
+        "type": "array", "minItems": 1, "description": "query vectors, each of the model's dimension",
+        "items": {"type": "array", "minItems": 1, "items": {"type": "number"}}}}}
+# /search: images as for /embed, or raw query vectors (a client that has an embedding keeps it).
+SEARCH_BODY = {
+    "required": True,
+    "content": {MULTIPART: REQUEST_BODY["content"][MULTIPART],
+                JSON: {"schema": {"oneOf": [_IMAGES_JSON, _EMBEDDINGS_JSON]}}},
+}
+
+
 @dataclass
 class RawImage:
     """One input image's bytes, or the reason it could not even be read."""
@@ -43,10 +59,10 @@ class RawImage:
 
 
 async def read_images(request: Request, *, max_images: int) -> list[RawImage]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = content_type(request)
     if ctype == MULTIPART:
         return await _read_multipart(request, max_images)
-    if ctype == JSON or ctype.endswith("+json"):
+    if is_json(ctype):
         return await _read_json(request, max_images)
     raise ApiError(415, "unsupported_media_type",
                    f"content type {ctype or '(none)'!r} not supported; send {MULTIPART} with "
@@ -77,12 +93,27 @@ async def _read_multipart(request: Request, max_images: int) -> list[RawImage]:
         await form.close()
 
 
-async def _read_json(request: Request, max_images: int) -> list[RawImage]:
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_json(ctype: str) -> bool:
+    return ctype == JSON or ctype.endswith("+json")
+
+
+async def read_json(request: Request):
     body = await request.body()
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(422, "malformed_json", f"body is not valid JSON: {e}") from e
+
+
+async def _read_json(request: Request, max_images: int) -> list[RawImage]:
+    return await images_from_json(await read_json(request), max_images)
+
+
+async def images_from_json(payload, max_images: int) -> list[RawImage]:
     if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
         raise ApiError(422, "malformed_json", 'expected a JSON object {"images": [base64, ...]}')
     extra = set(payload) - {"images"}
@@ -109,3 +140,38 @@ def _b64(s: str, i: int) -> bytes:
         return base64.b64decode("".join(s.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise ApiError(422, "malformed_base64", f"images[{i}] is not valid base64: {e}") from e
+
+
+def embeddings_from_json(payload: dict, max_vectors: int) -> list[list[float]]:
+    """``{"embeddings": [[x, ...], ...]}`` -> the vectors, checked: numbers only (no booleans,
+    no strings), finite (Python's JSON reader accepts NaN and Infinity), equal lengths."""
+    extra = set(payload) - {"embeddings"}
+    if extra:
+        raise ApiError(422, "malformed_json", f"unknown fields {sorted(extra)}; options are "
+                       "query parameters")
+    vecs = payload["embeddings"]
+    if not isinstance(vecs, list) or not vecs:
+        raise ApiError(422, "malformed_json", '"embeddings" must be a non-empty list of vectors')
+    if len(vecs) > max_vectors:
+        raise ApiError(413, "too_many_images", f"{len(vecs)} vectors; at most {max_vectors} per request")
+    dim = None
+    for i, v in enumerate(vecs):
+        if not isinstance(v, list) or not v:
+            raise ApiError(422, "malformed_json", f"embeddings[{i}] is not a non-empty list of numbers")
+        if dim is None:
+            dim = len(v)
+        elif len(v) != dim:
+            raise ApiError(422, "wrong_dimension", f"embeddings[{i}] has {len(v)} values, "
+                           f"embeddings[0] has {dim}")
+        for x in v:
+            if type(x) not in (int, float):
+                raise ApiError(422, "malformed_json", f"embeddings[{i}] holds {type(x).__name__} "
+                               f"{str(x)[:40]!r}, not a number")
+            try:
+                finite = math.isfinite(x)
+            except OverflowError:  # an integer too large for a float
+                finite = False
+            if not finite:
+                raise ApiError(422, "non_finite_embedding", f"embeddings[{i}] holds a value that "
+                               "is NaN, infinite or too large")
+    return vecs

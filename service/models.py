@@ -85,3 +85,23 @@ class Ready(BaseModel):
     status: str
     provider: str | None = None
     reason: str | None = None
+
+
+class SearchMatch(BaseModel):
+    row: int = Field(description="row of the gallery's feature file")
+    path: str = Field(description="the image path `s4l extract` recorded")
+    label: int | None = Field(description="the row's label; null when unknown")
+    class_name: str | None = Field(description="the label's class name, when the file names classes")
+    score: float = Field(description="cosine similarity")
+
+
+class SearchResult(BaseModel):
+    matches: list[SearchMatch] = Field(description="nearest rows, best first")
+
+
+class SearchResponse(BaseModel):
+    model: str
+    gallery: str
+    rows: int = Field(description="rows in the gallery")
+    results: list[SearchResult | ImageError] = Field(
+        description="one entry per input image or vector, in input order")

@@ -36,6 +36,8 @@ class ServiceState:
     heads: HeadRegistry | None = None  # replaced whole on reload; a request reads it once
     ready: bool = False
     not_ready_reason: str = "starting"
+    galleries: dict = field(default_factory=dict)  # name -> s4l.service.gallery.Gallery
+    search_pool: ThreadPoolExecutor | None = None  # one thread: a search's matmul is already parallel
     extra: dict = field(default_factory=dict)
 
 

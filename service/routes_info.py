@@ -33,4 +33,5 @@ async def info(state: State) -> dict[str, Any]:
         "auth": s.api_key is not None,
         "heads": {"names": state.heads.names, "default": state.heads.default,
                   "generation": state.heads.generation},
+        "galleries": [g.describe() for g in state.galleries.values()],
     }

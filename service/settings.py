@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from s4l.service.gallery import parse_gallery_specs
+
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
@@ -58,3 +60,14 @@ class Settings(BaseSettings):
                 return tuple(json.loads(v))
             return tuple(p.strip() for p in v.split(",") if p.strip())
         return v
+
+    galleries: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict,
+        description="feature files served by /search: NAME=PATH items, comma-separated in S4L_GALLERIES")
+    gallery_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="gallery storage: float32 (4 x D bytes per row, fastest) or float16 (half)")
+
+    @field_validator("galleries", mode="before")
+    @classmethod
+    def _galleries(cls, v):
+        return parse_gallery_specs(v)

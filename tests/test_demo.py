@@ -38,6 +38,7 @@ def test_demo_runs_end_to_end_and_reuses_artifacts(tmp_path):
     # The probe's head is served next to the model and answers with it in one call.
     assert "GET /heads -> 200" in first.stdout and "probe head:" in first.stdout
     assert summary["served"]["served_probe_head_top1"].endswith("/4")
+    assert "POST /search" in first.stdout and summary["served"]["search_nearest_same_label"]
 
     second = _demo(out)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import venv
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -46,11 +47,27 @@ def test_serve_extra_alone_serves_an_exported_model(tmp_path):
                              text=True, cwd=tmp_path, timeout=60)
     assert has_doc.returncode == 0, has_doc.stderr
 
-    with ServerProcess(model, python=str(py), cwd=tmp_path) as srv:
+    # A /search gallery (extracted here, with torch) loads in the torch-free environment too.
+    from conftest import make_image_folder
+
+    from s4l.evaluation.extract import ExtractConfig, extract
+
+    data = make_image_folder(tmp_path / "imgs", splits=("val",), per_class=2)
+    feats = tmp_path / "feats.h5"
+    extract(ExtractConfig(model=str(model), data=str(data), out=str(feats), split="val",
+                          workers=0, progress=False))
+    with ServerProcess(model, python=str(py), cwd=tmp_path,
+                       env={"S4L_GALLERIES": f"g={feats}"}) as srv:
         blob = jpeg_bytes(seed=1)
         r = httpx.post(srv.url + "/embed", files=[("files", ("a.jpg", blob, "image/jpeg"))], timeout=60)
         assert r.status_code == 200, r.text
         emb = np.array(r.json()["results"][0]["embedding"])
         assert emb.shape == (128,) and np.isfinite(emb).all()
         assert httpx.get(srv.url + "/readyz").json()["provider"] == "CPUExecutionProvider"
+        first = sorted((data / "val").rglob("*.jpg"))[0]
+        r = httpx.post(srv.url + "/search", files=[("files", ("q.jpg", first.read_bytes(), "image/jpeg"))],
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        best = r.json()["results"][0]["matches"][0]
+        assert Path(best["path"]).samefile(first) and best["score"] > 0.999
     assert "Traceback" not in srv.output()

@@ -359,7 +359,8 @@ def test_bad_model_files_are_clear_errors(tmp_path):
 
 def test_server_modules_do_not_import_torch():
     code = ("import sys; import s4l.service.app, s4l.service.cmd_serve, s4l.service.cmd_export, "
-            "s4l.service.openapi_doc; from s4l.cli import build_parser; build_parser(); "
+            "s4l.service.openapi_doc, s4l.service.gallery, s4l.evaluation.features; "
+            "from s4l.cli import build_parser; build_parser(); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "assert not bad, bad")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -333,7 +333,8 @@ def test_schemathesis_finds_no_server_errors(server, reference):
             except Unsatisfiable:
                 # Nothing to get wrong (no parameters or body): no negative cases exist.
                 assert mode == GenerationMode.NEGATIVE, op.label
-    assert len(seen) == 8 and all(seen.values())  # 6 routes + GET /heads, POST /admin/reload-heads
+    # 6 routes + GET /heads, POST /admin/reload-heads, POST /search
+    assert len(seen) == 9 and all(seen.values())
     assert_healthy(server, reference)
 
 
