@@ -210,7 +210,9 @@ def test_bad_gallery_files_are_refused_with_the_reason(files):
         f["features"][3, 5] = np.nan
 
     def empty(f):
-        for k in ("features", "labels", "paths"):
+        for k in ("features", "labels", "paths", "logits"):
+            if k not in f:
+                continue
             data, dt = f[k][:0], f[k].dtype
             del f[k]
             f.create_dataset(k, data=data, dtype=dt)
