@@ -22,6 +22,7 @@ STATE=${S4L_DOCKER_STATE:-/var/tmp/s4l-docker}
 HOSTPY=${S4L_HOST_PYTHON:-python3.11}
 BASE_PACKAGES="python3,python3-venv,libgomp1,passwd,ca-certificates"
 SUITE=bookworm
+ORT_GPU=${S4L_ORT_GPU:-"onnxruntime-gpu>=1.19,<1.27"}  # CUDA 12 builds, as in serve-gpu.Dockerfile
 export DOCKER_BUILDKIT=0
 mkdir -p "$STATE"
 TIMINGS=$(mktemp)
@@ -104,7 +105,7 @@ make_base() {
 reqs() {
     case $1 in
         serve) "$HOSTPY" docker/requirements.py serve ;;
-        serve-gpu) "$HOSTPY" docker/requirements.py serve --without onnxruntime; echo "onnxruntime-gpu>=1.17" ;;
+        serve-gpu) "$HOSTPY" docker/requirements.py serve --without onnxruntime; echo "$ORT_GPU" ;;
         train) echo "torch==${S4L_TRAIN_TORCH:-2.13.0}"; "$HOSTPY" docker/requirements.py train eval export --without torchvision ;;
     esac
     # s4l's own build backend, for `pip install --no-index .` in the image.
@@ -155,7 +156,7 @@ images() {
     step wheels-serve-gpu wheelhouse serve-gpu >/dev/null
     step wheels-train wheelhouse train >/dev/null
     step build-serve build_image serve "${nc[@]}"
-    step build-serve-gpu build_image serve-gpu "${nc[@]}"
+    step build-serve-gpu build_image serve-gpu --build-arg ORT_GPU="$ORT_GPU" "${nc[@]}"
     step build-train build_image train --build-arg TORCH="torch==${S4L_TRAIN_TORCH:-2.13.0}" \
         --build-arg WITHOUT=torchvision "${nc[@]}"
     if [ -z "${S4L_BUILD_ONLY:-}" ]; then

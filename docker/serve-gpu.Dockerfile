@@ -8,6 +8,10 @@
 ARG BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 FROM ${BASE_IMAGE}
 ARG PIP_OFFLINE=0
+# onnxruntime-gpu must match the base image's CUDA major: PyPI's 1.19-1.26 link CUDA 12
+# (libcublas.so.12, checked on 1.26.0), 1.27.0 and newer link CUDA 13 (libcublas.so.13). With a
+# CUDA 13 base image, pass e.g. --build-arg ORT_GPU="onnxruntime-gpu>=1.27".
+ARG ORT_GPU="onnxruntime-gpu>=1.19,<1.27"
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN if ! python3.11 -c "import ensurepip" 2>/dev/null; then \
       apt-get update \
@@ -25,7 +29,7 @@ COPY service ./service
 RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
  && python3.11 -m venv /opt/s4l \
  && python3.11 docker/requirements.py serve --without onnxruntime > /tmp/req.txt \
- && echo "onnxruntime-gpu>=1.17" >> /tmp/req.txt \
+ && echo "$ORT_GPU" >> /tmp/req.txt \
  && /opt/s4l/bin/pip install -q "$@" -r /tmp/req.txt \
  && /opt/s4l/bin/pip install -q "$@" --no-deps . \
  && /opt/s4l/bin/python -c "import onnxruntime" \

@@ -32,7 +32,7 @@ RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; 
  && /opt/s4l/bin/python docker/requirements.py train eval export --without "$WITHOUT" > /tmp/req.txt \
  && /opt/s4l/bin/python -m pip install -q "$@" $TORCH -r /tmp/req.txt \
  && /opt/s4l/bin/python -m pip install -q "$@" --no-deps . \
- && /opt/s4l/bin/python -c "import torch, s4l.training.trainer" \
+ && (cd / && /opt/s4l/bin/python -c "import torch, s4l.training.trainer") \
  && rm -rf /src /wheelhouse /tmp/req.txt
 ENV PATH=/opt/s4l/bin:$PATH
 WORKDIR /work
