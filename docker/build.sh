@@ -41,6 +41,8 @@ step() {  # step NAME CMD...: run, print its duration, record it
     echo "$name $dt" >>"$TIMINGS"
 }
 
+quiet() { "$@" >/dev/null; }
+
 engine_ok() { docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
 
 engine() {
@@ -152,9 +154,9 @@ images() {
     local nc=(); [ -n "${S4L_NO_CACHE:-}" ] && nc=(--no-cache)
     step engine engine
     step base make_base
-    step wheels-serve wheelhouse serve >/dev/null
-    step wheels-serve-gpu wheelhouse serve-gpu >/dev/null
-    step wheels-train wheelhouse train >/dev/null
+    step wheels-serve quiet wheelhouse serve
+    step wheels-serve-gpu quiet wheelhouse serve-gpu
+    step wheels-train quiet wheelhouse train
     step build-serve build_image serve "${nc[@]}"
     step build-serve-gpu build_image serve-gpu --build-arg ORT_GPU="$ORT_GPU" "${nc[@]}"
     step build-train build_image train --build-arg TORCH="torch==${S4L_TRAIN_TORCH:-2.13.0}" \

@@ -21,20 +21,22 @@ WORKDIR /src
 COPY docker/wheelhouse /wheelhouse
 COPY pyproject.toml README.md ./
 COPY docker/requirements.py ./docker/
-COPY s4l ./s4l
-COPY training ./training
-COPY evaluation ./evaluation
-COPY service ./service
-# The serve extra with onnxruntime-gpu in place of the CPU onnxruntime (same Python API).
+# The serve extra with onnxruntime-gpu in place of the CPU onnxruntime (same Python API); the
+# dependencies first (a layer that survives source edits), then s4l itself.
 RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
  && python3.11 -m venv /opt/s4l \
  && python3.11 docker/requirements.py serve --without onnxruntime > /tmp/req.txt \
  && echo "$ORT_GPU" >> /tmp/req.txt \
  && /opt/s4l/bin/pip install -q "$@" -r /tmp/req.txt \
+ && /opt/s4l/bin/python -c "import onnxruntime"
+COPY s4l ./s4l
+COPY training ./training
+COPY evaluation ./evaluation
+COPY service ./service
+RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
  && /opt/s4l/bin/pip install -q "$@" --no-deps . \
- && /opt/s4l/bin/python -c "import onnxruntime" \
  && ! /opt/s4l/bin/python -c "import torch" 2>/dev/null \
- && rm -rf /src /wheelhouse /tmp/req.txt
+ && cd / && rm -rf /src /wheelhouse /tmp/req.txt
 ENV PATH=/opt/s4l/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     S4L_MODEL=/models/model.onnx S4L_HOST=0.0.0.0 S4L_PORT=8000 S4L_PROVIDER=cuda \
     S4L_MAX_BATCH_SIZE=64

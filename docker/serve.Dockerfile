@@ -17,15 +17,18 @@ WORKDIR /src
 COPY docker/wheelhouse /wheelhouse
 COPY pyproject.toml README.md ./
 COPY docker/requirements.py ./docker/
+# The serve extra's dependencies first (a layer that survives source edits), then s4l itself.
+RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
+ && python3 -m venv /opt/s4l \
+ && python3 docker/requirements.py serve > /tmp/req.txt \
+ && /opt/s4l/bin/pip install -q "$@" -r /tmp/req.txt
 COPY s4l ./s4l
 COPY training ./training
 COPY evaluation ./evaluation
 COPY service ./service
-# A wheel of the whole distribution; only the serve extra's dependencies are installed.
 RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
- && python3 -m venv /opt/s4l \
- && /opt/s4l/bin/pip wheel -q "$@" --no-deps -w /wheels . \
- && /opt/s4l/bin/pip install -q "$@" "$(ls /wheels/s4l-*.whl)[serve]"
+ && /opt/s4l/bin/pip install -q "$@" --no-deps . \
+ && /opt/s4l/bin/pip uninstall -q -y pip setuptools
 
 FROM ${BASE_IMAGE}
 ENV PATH=/opt/s4l/bin:$PATH \

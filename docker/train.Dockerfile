@@ -21,18 +21,20 @@ WORKDIR /src
 COPY docker/wheelhouse /wheelhouse
 COPY pyproject.toml README.md ./
 COPY docker/requirements.py ./docker/
-COPY s4l ./s4l
-COPY training ./training
-COPY evaluation ./evaluation
-COPY service ./service
 # With TORCH set: a venv of its own at /opt/s4l; otherwise the base image's Python (and torch).
+# The dependencies first (a layer that survives source edits), then s4l itself.
 RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
  && if [ -n "$TORCH" ]; then python3 -m venv /opt/s4l; else mkdir -p /opt/s4l/bin \
       && ln -s "$(command -v python3)" /opt/s4l/bin/python; fi \
  && /opt/s4l/bin/python docker/requirements.py train eval export --without "$WITHOUT" > /tmp/req.txt \
- && /opt/s4l/bin/python -m pip install -q "$@" $TORCH -r /tmp/req.txt \
+ && /opt/s4l/bin/python -m pip install -q "$@" $TORCH -r /tmp/req.txt
+COPY s4l ./s4l
+COPY training ./training
+COPY evaluation ./evaluation
+COPY service ./service
+RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
  && /opt/s4l/bin/python -m pip install -q "$@" --no-deps . \
- && (cd / && /opt/s4l/bin/python -c "import torch, s4l.training.trainer") \
+ && cd / && /opt/s4l/bin/python -c "import torch, s4l.training.trainer" \
  && rm -rf /src /wheelhouse /tmp/req.txt
 ENV PATH=/opt/s4l/bin:$PATH
 WORKDIR /work

@@ -268,7 +268,7 @@ def test_serve_gpu_image_has_onnxruntime_gpu_and_refuses_cuda_without_gpu(images
 
 # -- train ---------------------------------------------------------------------------------------
 
-TRAIN = ["--nproc_per_node=2", "--nnodes=1", "--master_port=0", "-m", "s4l.cli", "train",
+TRAIN = ["--standalone", "--nproc_per_node=2", "-m", "s4l.cli", "train",
          "--preset", "s4l-rotation-10pct-smoke", "--data", "builtin:digits",
          "--workdir", "/work/runs/smoke", "--device", "cpu", "--no-progress",
          "--set", "optim.total_steps=12", "--set", "checkpoint.every_steps=2",
