@@ -143,8 +143,12 @@ build_image() {  # build_image IMAGE [extra docker build args]
     local wh ctx
     wh=$(wheelhouse "$img")
     ctx=$(context "$img" "$wh")
-    docker build -q -f "$ctx/docker/$img.Dockerfile" -t "s4l-$img" \
-        --build-arg BASE_IMAGE="$(base_tag)" --build-arg PIP_OFFLINE=1 "$@" "$ctx" >/dev/null
+    local log; log=$(mktemp)
+    if ! docker build -q -f "$ctx/docker/$img.Dockerfile" -t "s4l-$img" \
+        --build-arg BASE_IMAGE="$(base_tag)" --build-arg PIP_OFFLINE=1 "$@" "$ctx" >"$log" 2>&1; then
+        cat "$log" >&2; rm -f "$log"; return 1
+    fi
+    rm -f "$log"
 }
 
 images() {
