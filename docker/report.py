@@ -128,10 +128,12 @@ def main() -> None:
             lines.append(f"| {img} | {mb:.0f} | {mb - base:.0f} |")
     lines += ["",
               "The serve image adds the serve extra only (onnxruntime, FastAPI, NumPy, Pillow; no "
-              "torch, no compilers) above its base; from python:3.11-slim (about 130 MB "
-              "uncompressed) the same layers apply. The train image here is the CPU variant "
+              "torch, no compilers, no pip) above its base; built FROM python:3.11-slim (not "
+              "reachable here, so not measured) the same layers sit on that base instead. The train image here is the CPU variant "
               "(torch 2.13.0+cpu, no torchvision); serve-gpu carries onnxruntime-gpu but no CUDA "
-              "libraries (its CUDA base image is not reachable here).", "",
+              "libraries (its CUDA base image is not reachable here). Cold wheel steps fetched "
+              "from PyPI and this machine's local wheel store with pip's cache off "
+              "(PIP_NO_CACHE_DIR=1).", "",
               "Build steps (`docker/build.sh clean && make images` for cold: a new local base, "
               "wheelhouses and no layer cache; `make images` again for cached):", ""]
     lines += table(timings(args.state / "timings-cold.txt"),
