@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s4l-installed
 
-.PHONY: venv test demo lint serve bench clean
+.PHONY: venv test demo lint serve bench clean images images-clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (s4l needs Python 3.11)"; exit 1; }
@@ -27,6 +27,14 @@ demo: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/s4l serve --model $${S4L_MODEL:-demo-out/model.onnx}
+
+# Every container image (serve, serve-gpu, train) on a private engine, from a local Debian base;
+# writes the measured sizes and times into docker/README.md. See docker/build.sh.
+images: $(STAMP)
+	docker/build.sh images
+
+images-clean:
+	docker/build.sh clean
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -1,27 +1,36 @@
-# s4l feature service, CPU: slim Python + the `serve` extra only (onnxruntime, FastAPI; NO torch).
-# Build from the repository root:
+# s4l feature service, CPU: slim Python + the `serve` extra only (onnxruntime, FastAPI; NO torch,
+# no compilers), non-root, HEALTHCHECK on /readyz. Build from the repository root:
 #   docker build -f docker/serve.Dockerfile -t s4l-serve .
-# Run with the model mounted read-only:
-#   docker run --rm -p 8000:8000 -v $PWD/demo-out/model.onnx:/models/model.onnx:ro s4l-serve
-# or copy it into a derived image:
-#   FROM s4l-serve
-#   COPY --chown=s4l:s4l model.onnx /models/model.onnx
-# tests/test_serve_env.py reproduces this image's Python environment without Docker.
+# Run with the model mounted read-only (a read-only root with a tmpfs for /tmp works):
+#   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp \
+#       -v $PWD/demo-out/model.onnx:/models/model.onnx:ro s4l-serve
+# Build arguments:
+#   BASE_IMAGE  any Debian/Ubuntu-like image with python3 (>= 3.11) and its venv module
+#   PIP_OFFLINE=1  install only from docker/wheelhouse (pip --no-index), e.g. behind a proxy
+# tests/test_images.py builds and runs this image against a real engine (docker/build.sh).
+ARG BASE_IMAGE=python:3.11-slim
 
-FROM python:3.11-slim AS build
+FROM ${BASE_IMAGE} AS build
+ARG PIP_OFFLINE=0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+COPY docker/wheelhouse /wheelhouse
 COPY pyproject.toml README.md ./
+COPY docker/requirements.py ./docker/
+# The serve extra's dependencies first (a layer that survives source edits), then s4l itself.
+RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
+ && python3 -m venv /opt/s4l \
+ && python3 docker/requirements.py serve > /tmp/req.txt \
+ && /opt/s4l/bin/pip install -q "$@" -r /tmp/req.txt
 COPY s4l ./s4l
 COPY training ./training
 COPY evaluation ./evaluation
 COPY service ./service
-# A wheel of the whole distribution; only the serve extra's dependencies are installed below.
-RUN pip wheel --no-deps -w /wheels . \
- && python -m venv /opt/s4l \
- && /opt/s4l/bin/pip install "$(ls /wheels/s4l-*.whl)[serve]"
+RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
+ && /opt/s4l/bin/pip install -q "$@" --no-deps . \
+ && /opt/s4l/bin/pip uninstall -q -y pip setuptools
 
-FROM python:3.11-slim
+FROM ${BASE_IMAGE}
 ENV PATH=/opt/s4l/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     S4L_MODEL=/models/model.onnx S4L_HOST=0.0.0.0 S4L_PORT=8000 S4L_PROVIDER=cpu
@@ -31,10 +40,11 @@ RUN ! python -c "import torch" 2>/dev/null \
  && groupadd --system s4l && useradd --system --gid s4l --no-create-home s4l \
  && mkdir -p /models && chown s4l:s4l /models
 USER s4l
+WORKDIR /tmp
 EXPOSE 8000
-# Liveness only; orchestrators should gate traffic on /readyz (model loaded + warm-up done).
+# Healthy once the model is loaded and warmed up (/readyz); /healthz is liveness only.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
-  CMD python -c "import os,urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"S4L_PORT\",\"8000\")}/healthz', timeout=2)" || exit 1
+  CMD ["python", "-c", "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('S4L_PORT', '8000'), timeout=2)"]
 # SIGTERM -> uvicorn's graceful shutdown: in-flight requests finish (S4L_GRACEFUL_SHUTDOWN_S).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["s4l", "serve"]

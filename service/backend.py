@@ -127,6 +127,9 @@ class OnnxBackend:
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(f"model file {path} does not exist")
+        if not os.access(path, os.R_OK):
+            raise ModelLoadError(f"model file {path} is not readable by this user (uid "
+                                 f"{os.getuid()}): permission denied")
         from s4l.onnxcheck import OnnxCheckError, check_onnx_file
 
         try:
