@@ -71,7 +71,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 # Checkpoints written before this release hold numpy's MT19937 state as an ndarray and torch's
 # version as a `TorchVersion` (a str subclass); these globals rebuild exactly those (a plain
 # array of a plain dtype, a string) and nothing else.
-_LEGACY_GLOBALS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct,
+_NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
+_LEGACY_GLOBALS = [np.ndarray, np.dtype, _NP_CORE.multiarray._reconstruct,
                    type(np.dtype(np.uint32)), torch.torch_version.TorchVersion]
 
 
