@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "extract": "s4l.evaluation.cmd_extract",
     "probe": "s4l.evaluation.cmd_probe",
     "val-study": "s4l.evaluation.cmd_val_study",
+    "study": "s4l.study",
     "export": "s4l.service.cmd_export",
     "serve": "s4l.service.cmd_serve",
     "demo": "s4l.demo",

@@ -205,6 +205,27 @@ def test_s4l_rotation_matches_a_hand_written_loss():
     assert out.metrics["acc_rotation"].item() == pytest.approx(correct / 20)
 
 
+def test_s4l_rotation_class_loss_on_upright_copies_only():
+    """objective.class_rotations = "upright" (a diagnosis switch): the class loss is the CE of
+    the 0-degree copies alone, the rotation loss is unchanged; "all" is the release's default."""
+    assert ObjectiveConfig().class_rotations == "all"
+    with pytest.raises(UserError, match="class_rotations"):
+        ObjectiveConfig(class_rotations="none")
+    upright = build_objective("s4l-rotation", ObjectiveConfig(class_rotations="upright"),
+                              NUM_CLASSES)
+    every = build_objective("s4l-rotation", ObjectiveConfig(), NUM_CLASSES)
+    torch.manual_seed(1)
+    model = tiny_model(upright).eval()
+    batch = make_batch(upright, b_l=3, b_u=2)
+    with torch.no_grad():
+        out, ref = upright(model, batch), every(model, batch)
+        y = batch["labels"]
+        expected = cross_entropy(_per_image_logits(model, batch["labelled"][:, 0], "classes"), y)
+    torch.testing.assert_close(out.metrics["loss_class"], expected)
+    torch.testing.assert_close(out.metrics["loss_rotation"], ref.metrics["loss_rotation"])
+    assert not torch.allclose(out.metrics["loss_class"], ref.metrics["loss_class"])
+
+
 def test_self_supervised_rotation_uses_only_the_unlabelled_stream():
     obj = build_objective("rotation", ObjectiveConfig(), NUM_CLASSES)
     assert obj.heads() == {"rotation": 4}

@@ -422,7 +422,8 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # Fields added after runs were recorded, with their defaults: at the default they are left out
 # of the hash, so a config written before the field existed keeps its hash (and its checkpoint
 # resumes); any other value is part of the run's identity.
-ADDED_FIELDS: dict[str, Any] = {"data.augment": "inception", "data.pad_crop": 4}
+ADDED_FIELDS: dict[str, Any] = {"data.augment": "inception", "data.pad_crop": 4,
+                                 "objective.class_rotations": "all"}
 
 
 def semantic_dict(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:

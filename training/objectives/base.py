@@ -23,6 +23,9 @@ from s4l.training.objectives.losses import (
 )
 
 
+CLASS_ROTATIONS = ("all", "upright")
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     """Every loss weight and switch of every objective; defaults = the original release.
@@ -42,6 +45,8 @@ class ObjectiveConfig:
     - vat_weight / entmin_weight: VAT config's L = CE + 0.5 * KL_vat (+ 1.0 * H).
     - vat_kl_direction: "perturbed_clean" = the release's KL[p(x + r_adv) || p(x)];
       "clean_perturbed" = KL[p(x) || p(x + r_adv)] (Miyato et al.'s code, most PyTorch ports).
+    - class_rotations: which rotated copies of a labelled image carry the class loss in
+      S4L-Rotation and MOAM: "all" 4 (the release) or "upright" only (a diagnosis switch).
     - moam_*: MOAM step 1's L = 0.4 * L_rot + 0.3 * CE + 0.3 * KL_vat + 0.3 * H with eps 32
       (the release's rotation_vat.py with sup_weight 0.3, vat_weight 0.3, entmin_factor 0.3).
     """
@@ -62,6 +67,7 @@ class ObjectiveConfig:
     moam_vat_weight: float = 0.3
     moam_entmin_weight: float = 0.3
     moam_vat_eps: float = 32.0
+    class_rotations: str = "all"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -92,6 +98,11 @@ class ObjectiveConfig:
             raise UserError(
                 f"objective.vat_kl_direction {self.vat_kl_direction!r} is not one of "
                 f"{', '.join(KL_DIRECTIONS)}"
+            )
+        if self.class_rotations not in CLASS_ROTATIONS:
+            raise UserError(
+                f"objective.class_rotations {self.class_rotations!r} is not one of "
+                f"{', '.join(CLASS_ROTATIONS)}"
             )
         if self.vat_hessian_product not in HESSIAN_PRODUCTS:
             raise UserError(

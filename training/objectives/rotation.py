@@ -74,6 +74,8 @@ class RotationForward:
         rot_l, self.rot_labels_l = rotate_copies(images_l)
         self.images_u, self.rot_labels_u = rotate_copies(images_u)
         self.class_labels = labels.repeat_interleave(NUM_ROTATIONS)
+        # objective.class_rotations = "upright": the class loss sees the 0-degree copies only.
+        self.upright_only = objective.cfg.class_rotations == "upright"
         self.n_l = rot_l.shape[0]
         self.out = model(torch.cat([rot_l, self.images_u]), heads=("classes", "rotation"))
 
@@ -82,8 +84,13 @@ class RotationForward:
         classes, rotation, n = self.out["classes"], self.out["rotation"], self.n_l
         rot_l = cross_entropy(rotation[:n], self.rot_labels_l)
         rot_u = cross_entropy(rotation[n:], self.rot_labels_u)
+        if self.upright_only:
+            keep = self.rot_labels_l == 0
+            loss_class = cross_entropy(classes[:n][keep], self.class_labels[keep])
+        else:
+            loss_class = cross_entropy(classes[:n], self.class_labels)
         return {
-            "loss_class": cross_entropy(classes[:n], self.class_labels),
+            "loss_class": loss_class,
             "loss_rotation": 0.5 * (rot_u + rot_l),
             "loss_rotation_labelled": rot_l,
             "loss_rotation_unlabelled": rot_u,

@@ -1,0 +1,996 @@
+"""`s4l study CONFIG.toml`: a declarative, resumable study of training runs, and its report.
+
+A study is a short TOML file (experiments/*.toml): the data and label regime, one schedule for
+every method (labelled epochs, the paper's protocol, or forwarded images, a compute-matched
+comparison), the methods (a preset each), an optional learning-rate x weight-decay sweep selected
+on the held-out split, seeds, a convergence check, diagnosis variants. This module turns it into
+training runs, runs what is not finished, and writes `<report>.json`, `<report>.md` and
+`<report>.png`.
+
+- Finished runs are kept: a run is identified by a portable hash of its config (paths replaced
+  by the data set's name and the label file's sha256), and its result is recorded in the report
+  JSON as soon as it ends, so committing that file keeps the study across machines. A run with a
+  checkpoint resumes exactly (the trainer's resume).
+- Selection: a method's sweep runs seed 0 of every grid point; the point with the best held-out
+  top-1 (ties: the smaller lr, then the smaller wd; the test split is never looked at) is the
+  method's selected config, whose seeds 1.. are the final runs, together with the sweep run of
+  the selected point (its seed 0). Without a sweep, the presets' hyper-parameters are used.
+- `--dry-run` prints the plan, each run's forwarded images, its status and the estimated time
+  left, at rates measured on this study's finished runs (defaults before any).
+
+Study file keys (all optional except `name`, `data`, `schedule` and `method`): see
+experiments/table1_protocol.toml, which documents each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import itertools
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import tomllib
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from s4l.errors import UserError
+
+HELP = "run a declarative study of training runs (sweep, seeds, diagnosis) and write its report"
+log = logging.getLogger("s4l.study")
+ROOT = Path(__file__).resolve().parents[1]
+
+# Rough images/s per objective on 2 CPU cores before any run of the study has finished (dry-run
+# estimates only; measured rates replace them): supervised ~480, rotation family ~750 (larger
+# batches), exemplar ~600 (8 augmented copies per image).
+DEFAULT_RATE = {"supervised": 480.0, "s4l-rotation": 750.0, "rotation": 750.0,
+                "s4l-exemplar": 600.0, "exemplar": 600.0}
+
+# The paper's Table 1 (ImageNet, ResNet50v2): top-5 at 10% / 1% labels, and the release's top-1
+# where it reports one (S4L_REFERENCE.md section 2).
+PAPER = {
+    "supervised": {"top5_10": 80.43, "top5_1": 48.43, "top1_10": 56.36, "top1_1": 25.09},
+    "pseudo-labels": {"top5_10": 82.41, "top5_1": 51.56, "top1_10": 60.24},
+    "vat": {"top5_10": 82.78, "top5_1": 44.05, "top1_10": 59.98},
+    "vat-entmin": {"top5_10": 83.39, "top5_1": 46.96, "top1_10": 60.87},
+    "rotation-linear": {"top5_10": 39.75, "top5_1": 25.98},
+    "rotation-finetune": {"top5_10": 78.53, "top5_1": 45.11},
+    "exemplar-linear": {"top5_10": 32.32, "top5_1": 21.33},
+    "exemplar-finetune": {"top5_10": 81.01, "top5_1": 44.90},
+    "s4l-rotation": {"top5_10": 83.82, "top5_1": 53.37, "top1_10": 61.37},
+    "s4l-exemplar": {"top5_10": 83.72, "top5_1": 47.02, "top1_10": 62.17},
+}
+
+SWEEP_KEYS = ("optim.lr", "optim.weight_decay")
+SHORT = {"optim.lr": "lr", "optim.weight_decay": "wd", "objective.rotation_weight": "rotw",
+         "objective.class_rotations": "cls"}
+
+
+# ============================================================================ the study file
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    key: str                       # "supervised", "s4l-rotation", ... (the report's row)
+    preset: str
+    seeds: int = 1
+    label: str = ""                # the row's name in the report
+    pretrain: str | None = None    # a stage preset whose checkpoint initialises the run
+    teacher: str | None = None     # a method whose final run (same seed) pseudo-labels the data
+    sweep: bool = True             # False: the preset's hyper-parameters, no sweep
+    set: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    key: str
+    method: str
+    label: str
+    kind: str = "train"            # "train" (a run with `set`) or "bn-recompute" (analysis)
+    set: tuple[tuple[str, Any], ...] = ()
+    hyper_of: str | None = None    # train with this method's selected lr / wd
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    title: str
+    data: str
+    labels_per_class: int | None
+    label_seed: int
+    heldout_per_class: int
+    schedule: dict[str, Any]       # {"labelled_epochs": N} or {"images": N}
+    methods: tuple[Method, ...]
+    sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    common: tuple[tuple[str, Any], ...] = ()
+    convergence: dict[str, Any] | None = None
+    diagnosis: tuple[Diagnosis, ...] = ()
+    report: str = ""
+    label_file: str | None = None  # a saved label file (relative to the study file's folder)
+    notes: str = ""
+    source_file: str = ""
+
+    def method(self, key: str) -> Method:
+        for m in self.methods:
+            if m.key == key:
+                return m
+        raise UserError(f"study {self.name}: no method {key!r} (have {[m.key for m in self.methods]})")
+
+
+def _pairs(d: Any, where: str) -> tuple[tuple[str, Any], ...]:
+    if d is None:
+        return ()
+    if not isinstance(d, dict):
+        raise UserError(f"{where} must be a table of config keys, got {type(d).__name__}")
+    # TOML has no null: the string "null" stands for None (e.g. bn.ghost_batch = "null").
+    return tuple((str(k), tuple(v) if isinstance(v, list) else (None if v == "null" else v))
+                 for k, v in d.items())
+
+
+def load_study(path: str | os.PathLike) -> Study:
+    """Parse and check a study file; every mistake is one clear UserError."""
+    from s4l.training import config as C
+    from s4l.training.presets import get_preset
+
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"study file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+    known = {"name", "title", "data", "labels_per_class", "label_seed", "heldout_per_class",
+             "schedule", "method", "sweep", "set", "convergence", "diagnosis", "report",
+             "label_file", "notes"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
+    for k in ("name", "data", "schedule", "method"):
+        if k not in raw:
+            raise UserError(f"{path}: missing {k!r}")
+    sched = raw["schedule"]
+    if not isinstance(sched, dict) or len(sched) != 1 or next(iter(sched)) not in (
+            "labelled_epochs", "images"):
+        raise UserError(f"{path}: schedule must be {{labelled_epochs = N}} or {{images = N}}, "
+                        f"got {sched!r}")
+    if not next(iter(sched.values())) > 0:
+        raise UserError(f"{path}: schedule must be > 0, got {sched!r}")
+    methods = []
+    for i, m in enumerate(raw["method"]):
+        if not isinstance(m, dict) or "key" not in m or "preset" not in m:
+            raise UserError(f"{path}: method #{i + 1} needs key and preset")
+        bad = sorted(set(m) - {f.name for f in dataclasses.fields(Method)})
+        if bad:
+            raise UserError(f"{path}: method {m['key']!r} has unknown keys {bad}")
+        get_preset(m["preset"])  # a clear error for an unknown preset
+        if m.get("pretrain"):
+            get_preset(m["pretrain"])
+        methods.append(Method(**{**m, "set": _pairs(m.get("set"), f"method {m['key']}.set"),
+                                 "label": m.get("label", m["key"])}))
+    keys = [m.key for m in methods]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"{path}: method keys repeat: {keys}")
+    for m in methods:
+        if m.teacher and m.teacher not in keys:
+            raise UserError(f"{path}: method {m.key!r} has teacher {m.teacher!r}, not a method")
+    sweep = _pairs(raw.get("sweep"), "sweep")
+    for k, v in sweep:
+        if k not in SWEEP_KEYS:
+            raise UserError(f"{path}: sweep key {k!r}; the sweep is over {SWEEP_KEYS}")
+        if not isinstance(v, tuple) or not v:
+            raise UserError(f"{path}: sweep.{k} must be a non-empty list")
+    diags = []
+    for d in raw.get("diagnosis", []):
+        bad = sorted(set(d) - {f.name for f in dataclasses.fields(Diagnosis)})
+        if bad or "key" not in d or "method" not in d:
+            raise UserError(f"{path}: a diagnosis needs key and method (unknown keys {bad})")
+        if d["method"] not in keys or (d.get("hyper_of") and d["hyper_of"] not in keys):
+            raise UserError(f"{path}: diagnosis {d['key']!r} names a method that is not in the study")
+        if d.get("kind", "train") not in ("train", "bn-recompute"):
+            raise UserError(f"{path}: diagnosis {d['key']!r} kind must be train or bn-recompute")
+        diags.append(Diagnosis(**{**d, "set": _pairs(d.get("set"), f"diagnosis {d['key']}.set"),
+                                  "label": d.get("label", d["key"])}))
+    conv = raw.get("convergence")
+    if conv is not None and (conv.get("method") not in keys or not conv.get("factor", 2) > 1):
+        raise UserError(f"{path}: convergence needs a study method and a factor > 1, got {conv}")
+    study = Study(
+        name=raw["name"], title=raw.get("title", raw["name"]), data=raw["data"],
+        labels_per_class=raw.get("labels_per_class"), label_seed=raw.get("label_seed", 0),
+        heldout_per_class=raw.get("heldout_per_class", 10), schedule=dict(sched),
+        methods=tuple(methods), sweep=sweep, common=_pairs(raw.get("set"), "set"),
+        convergence=conv, diagnosis=tuple(diags),
+        report=raw.get("report", f"runs/{raw['name']}/report"),
+        label_file=(str((path.parent / raw["label_file"]).resolve()) if raw.get("label_file")
+                    else None),
+        notes=raw.get("notes", ""), source_file=str(path))
+    # Every override must be a config key with a valid value: check on one preset now.
+    probe = get_preset(methods[0].preset).config
+    for pairs in (study.common, *(m.set for m in methods), *(d.set for d in diags)):
+        C.apply_overrides(probe, list(pairs))
+    return study
+
+
+# ============================================================================ runs
+
+
+@dataclasses.dataclass
+class Run:
+    id: str
+    method: str
+    role: str                      # sweep | final | convergence | diagnosis | stage
+    seed: int
+    config: Any                    # TrainConfig
+    budget: dict[str, Any]
+    hyper: dict[str, Any]
+    workdir: Path
+    deps: list[str] = dataclasses.field(default_factory=list)
+    pseudo_labels: Path | None = None
+    teacher_ckpt: Path | None = None
+    diagnosis: str | None = None
+    alias_of: str | None = None    # the same config as another run: its result is reused
+    pending: bool = False          # depends on a selection not made yet (cost is an estimate)
+
+    @property
+    def hash(self) -> str:
+        return portable_hash(self.config)
+
+
+def portable_hash(cfg) -> str:
+    """The config hash with the data root replaced by its name and the label file by its sha256,
+    so the same run on another machine (other paths) has the same identity."""
+    from s4l.provenance import file_sha256
+    from s4l.training import config as C
+
+    d = C.semantic_dict(cfg)
+    d["data.root"] = Path(str(d.get("data.root"))).name
+    for k in ("data.labels", "data.pseudo_labels", "init.checkpoint"):
+        if d.get(k):
+            p = Path(d[k])
+            d[k] = file_sha256(p)[:16] if p.exists() and k == "data.labels" else p.name
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_data(name: str) -> str:
+    """A data root: "cifar10" / "imagenette" from ../shared/data (unpacked once into the cache),
+    "builtin:..." as is, or a folder."""
+    from s4l.provenance import unpack_once
+
+    archives = {"cifar10": ("cifar10-jpg.tar.gz", "cifar10")}
+    if name in archives:
+        shared = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
+        cache = Path(os.environ.get("S4L_TEST_CACHE", Path.home() / ".cache" / "s4l-test-data"))
+        archive, top = archives[name]
+        if not (cache / f".{top}.done").exists() and not (shared / archive).exists():
+            raise UserError(f"{shared / archive} is absent: set S4L_SHARED_DATA, or give the "
+                            "unpacked folder as the study's data")
+        return str(unpack_once(shared / archive, top, cache))
+    if name.startswith("builtin:") or Path(name).is_dir():
+        return name
+    raise UserError(f"study data {name!r}: not cifar10, builtin:NAME or an existing folder")
+
+
+def _steps(cfg, study: Study, counts: dict[str, int], schedule: dict[str, Any]):
+    """The config with its preset's schedule shape (warmup / decays / end in its own
+    proportions) stretched to the study's length; and the budget record."""
+    from s4l.training import config as C
+    from s4l.training.objectives import OBJECTIVES
+
+    obj = OBJECTIVES[cfg.objective.name]
+    per_step, b_l, b_u = obj.forwarded_per_step(cfg.optim.batch_size, cfg.optim.unsup_batch_mult)
+    n_lab = counts["train"] if cfg.data.pseudo_labels else counts["labelled"]
+    spe = n_lab // b_l if obj.uses_labelled else counts["train"] // b_u
+    if spe < 1:
+        raise UserError(f"{cfg.preset}: batch {b_l or b_u} is larger than the data ({n_lab} "
+                        f"labelled / {counts['train']} training images)")
+    if "labelled_epochs" in schedule and obj.uses_labelled:
+        steps = max(1, round(schedule["labelled_epochs"] * spe))
+    elif "images" in schedule:
+        steps = max(1, int(schedule["images"]) // per_step)
+    else:
+        raise UserError(f"{cfg.preset} has no labelled stream: give its stage an images budget")
+    o = cfg.optim
+    epochs = steps / spe
+    f = epochs / o.total_epochs
+    cfg = C.apply_overrides(cfg, [
+        ("optim.warmup_epochs", round(o.warmup_epochs * f, 6)),
+        ("optim.decay_epochs", [round(e * f, 6) for e in o.decay_epochs]),
+        ("optim.total_epochs", epochs), ("optim.total_steps", steps),
+        ("eval.every_epochs", epochs), ("checkpoint.every_epochs", epochs),
+        ("checkpoint.every_steps", max(1, steps // 10)),
+    ])
+    return cfg, {"steps": steps, "images_per_step": per_step, "labelled_batch": b_l,
+                 "unlabelled_batch": b_u, "images": steps * per_step, "steps_per_epoch": spe,
+                 "labelled_epochs": round(epochs, 3) if obj.uses_labelled else None,
+                 "objective": cfg.objective.name}
+
+
+class Planner:
+    """Builds the study's runs; selections come from the finished sweep runs (the ledger)."""
+
+    def __init__(self, study: Study, data: str, work: Path, ledger: dict[str, dict],
+                 smoke: bool = False, overrides: Sequence[str] = ()) -> None:
+        from s4l.datasets import open_source, training_subsets
+
+        self.study, self.data, self.work, self.ledger = study, data, work, ledger
+        self.smoke, self.overrides = smoke, list(overrides)
+        self.source = open_source(data, "train")
+        self.label_file = self._label_file()
+        sub = training_subsets(self.source, label_map=self.label_file,
+                               val_per_class=study.heldout_per_class, label_seed=study.label_seed)
+        self.counts = {"labelled": len(sub.labelled), "train": len(sub.unlabelled),
+                       "heldout": len(sub.val), "classes": len(self.source.classes)}
+        self.runs: dict[str, Run] = {}
+        self.selection: dict[str, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------- label file
+    def _label_file(self) -> Path | None:
+        from s4l.datasets import (balanced_subset, label_map_names, read_label_map,
+                                  select_labelled, write_label_map)
+
+        s = self.study
+        if s.labels_per_class is None and not s.label_file:
+            return None
+        if s.label_file and not self.smoke:
+            path = Path(s.label_file)
+            if not path.exists():
+                raise UserError(f"study {s.name}: label file {path} does not exist")
+        else:
+            path = self.work / f"label_map_{s.labels_per_class}per_class_seed{s.label_seed}.json"
+            if not path.exists():
+                idx = balanced_subset(self.source.samples, per_class=s.labels_per_class,
+                                      seed=s.label_seed, class_names=self.source.classes)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_label_map(path, label_map_names(self.source, idx))
+        idx = select_labelled(self.source, read_label_map(path))
+        counts = [0] * len(self.source.classes)
+        for i in idx:
+            counts[self.source.samples[i][1]] += 1
+        if s.labels_per_class is not None and set(counts) != {s.labels_per_class}:
+            raise UserError(f"{path} has {counts} labels per class, not {s.labels_per_class}")
+        return path
+
+    # ---------------------------------------------------------------- configs
+    def config(self, preset: str, seed: int, pairs: Sequence[tuple[str, Any]],
+               schedule: dict[str, Any] | None = None, labelled: bool = True):
+        from s4l.training import config as C
+        from s4l.training.presets import get_preset
+
+        s = self.study
+        cfg = get_preset(preset + ("-smoke" if self.smoke else "")).config
+        base = [("data.root", self.data), ("seed", seed), ("data.val_per_class",
+                s.heldout_per_class), ("data.label_seed", s.label_seed),
+                ("data.labels_per_class", None), ("data.label_fraction", None),
+                ("data.labels", str(self.label_file) if self.label_file and labelled else None)]
+        cfg = C.apply_overrides(cfg, base + list(s.common) + list(pairs))
+        cfg = C.apply_overrides(cfg, self.overrides)
+        return _steps(cfg, s, self.counts, schedule or s.schedule)
+
+    def add(self, rid: str, method: Method, role: str, seed: int, pairs, hyper,
+            schedule=None, **kw) -> Run:
+        if rid in self.runs:
+            return self.runs[rid]
+        labelled = not any(k == "data.pseudo_labels" for k, _ in pairs)
+        cfg, budget = self.config(kw.pop("preset", method.preset), seed, pairs, schedule,
+                                  labelled=labelled)
+        run = Run(rid, method.key, role, seed, cfg, budget, hyper, self.work / rid, **kw)
+        h = run.hash
+        for other in self.runs.values():
+            if other.hash == h and other.alias_of is None:
+                run.alias_of = other.id
+                break
+        self.runs[rid] = run
+        return run
+
+    def grid(self) -> list[dict[str, Any]]:
+        keys = [k for k, _ in self.study.sweep]
+        return [dict(zip(keys, vals)) for vals in itertools.product(*(v for _, v in self.study.sweep))]
+
+    @staticmethod
+    def tag(hyper: dict[str, Any]) -> str:
+        return "_".join(f"{SHORT.get(k, k.split('.')[-1])}{v:g}" if isinstance(v, float)
+                        else f"{SHORT.get(k, k.split('.')[-1])}{v}" for k, v in hyper.items()) or "preset"
+
+    def result(self, run: Run) -> dict[str, Any] | None:
+        rec = self.ledger.get(run.alias_of or run.id)
+        if rec and rec.get("hash") == self.runs[run.alias_of or run.id].hash:
+            return rec
+        return None
+
+    def select(self, m: Method) -> dict[str, Any] | None:
+        """The method's selected hyper-parameters, or None while its sweep is unfinished."""
+        if not self.study.sweep or not m.sweep:
+            return {"hyper": {}, "selected_on": "none: the preset's hyper-parameters",
+                    "run": None}
+        cands = []
+        for hyper in self.grid():
+            run = self.runs[f"sweep/{m.key}/{self.tag(hyper)}/seed0"]
+            rec = self.result(run)
+            if rec is None or rec.get("heldout_top1") is None:
+                return None
+            cands.append((rec["heldout_top1"], hyper, run.id))
+        best = max(cands, key=lambda c: (c[0], *(-v if isinstance(v, int | float) else 0
+                                                 for v in c[1].values())))
+        return {"hyper": best[1], "run": best[2], "heldout_top1": best[0],
+                "selected_on": self.selected_on(),
+                "candidates": [{"hyper": h, "heldout_top1": a, "run": r} for a, h, r in cands]}
+
+    def selected_on(self) -> str:
+        return (f"heldout: {self.counts['heldout']} training images "
+                f"({self.study.heldout_per_class} per class), never trained on")
+
+    # ---------------------------------------------------------------- the plan
+    def build(self) -> list[Run]:
+        s = self.study
+        first = dict(zip([k for k, _ in s.sweep], [v[0] for _, v in s.sweep]))
+        for m in s.methods:
+            if s.sweep and m.sweep:
+                for hyper in self.grid():
+                    self.add(f"sweep/{m.key}/{self.tag(hyper)}/seed0", m, "sweep", 0,
+                             [*m.set, *hyper.items()], hyper)
+        for m in s.methods:
+            sel = self.select(m)
+            self.selection[m.key] = sel or {"hyper": first, "pending": True}
+        for m in s.methods:
+            sel = self.selection[m.key]
+            hyper, pending = sel["hyper"], sel.get("pending", False)
+            for seed in range(m.seeds):
+                if seed == 0 and sel.get("run"):
+                    continue  # the selected sweep run is the final run of seed 0
+                self._final(m, seed, hyper, pending)
+        if s.convergence:
+            m = s.method(s.convergence["method"])
+            sel = self.selection[m.key]
+            factor = s.convergence.get("factor", 2)
+            sched = {k: v * factor for k, v in s.schedule.items()}
+            self.add(f"convergence/{m.key}/x{factor:g}/seed0", m, "convergence", 0,
+                     [*m.set, *sel["hyper"].items()], sel["hyper"], schedule=sched,
+                     pending=sel.get("pending", False))
+        for d in s.diagnosis:
+            m = s.method(d.method)
+            src = self.selection[d.hyper_of or d.method]
+            if d.kind == "bn-recompute":
+                continue  # an analysis of a final run (run after it), not a training run
+            hyper = {**src["hyper"], **dict(d.set)}
+            self.add(f"diagnosis/{d.key}/seed{d.seed}", m, "diagnosis", d.seed,
+                     [*m.set, *src["hyper"].items(), *d.set], hyper, diagnosis=d.key,
+                     pending=src.get("pending", False) or
+                     self.selection[d.method].get("pending", False))
+        return list(self.runs.values())
+
+    def final_id(self, m: Method, seed: int) -> str:
+        sel = self.selection[m.key]
+        if seed == 0 and sel.get("run"):
+            return sel["run"]
+        return f"final/{m.key}/seed{seed}"
+
+    def _final(self, m: Method, seed: int, hyper: dict[str, Any], pending: bool) -> Run:
+        rid = f"final/{m.key}/seed{seed}"
+        pairs: list[tuple[str, Any]] = [*m.set, *hyper.items()]
+        deps, kw = [], {}
+        if m.pretrain:
+            stage = Method(m.pretrain, m.pretrain)
+            pre = self.add(f"stage/{m.pretrain}/seed{seed}", stage, "stage", seed, [], {})
+            deps.append(pre.id)
+            pairs.append(("init.checkpoint", str(pre.workdir / "checkpoint.pt")))
+        if m.teacher:
+            t = self.study.method(m.teacher)
+            tid = self.final_id(t, seed)
+            teacher = self.runs.get(tid) or self._final(t, seed, self.selection[t.key]["hyper"],
+                                                        self.selection[t.key].get("pending", False))
+            pl = self.work / "pseudo_labels" / f"{m.teacher}-seed{seed}.json"
+            pairs.append(("data.pseudo_labels", str(pl)))
+            deps.append(teacher.id)
+            kw = {"pseudo_labels": pl, "teacher_ckpt": teacher.workdir / "checkpoint.pt"}
+        return self.add(rid, m, "final", seed, pairs, hyper, deps=deps, pending=pending, **kw)
+
+
+# ============================================================================ the ledger
+
+
+def load_ledger(path: Path) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Finished runs recorded in the report JSON: {run id: record}, and the analyses."""
+    from s4l.safeload import load_json_file
+
+    if not path.exists():
+        return {}, {}
+    doc = load_json_file(path, "study report", 64 << 20)
+    return {r["id"]: r for r in doc.get("runs", []) if r.get("status") == "done"}, \
+        dict(doc.get("analyses", {}))
+
+
+def record_of(run: Run, metrics: dict[str, Any], wall_s: float | None) -> dict[str, Any]:
+    from s4l.provenance import git_commit
+
+    def get(k):
+        v = metrics.get(k)
+        return None if v is None else round(float(v), 4)
+
+    return {"id": run.id, "method": run.method, "role": run.role, "seed": run.seed,
+            "status": "done", "hash": run.hash, "preset": run.config.preset,
+            "labelled_epochs": run.budget["labelled_epochs"], "steps": run.budget["steps"],
+            "images_per_step": run.budget["images_per_step"], "images": run.budget["images"],
+            "hyper": run.hyper, "diagnosis": run.diagnosis,
+            "heldout_top1": get("heldout/top1"), "heldout_top5": get("heldout/top5"),
+            "test_top1": get("eval/top1"), "test_top5": get("eval/top5"),
+            "test_top1_rotation_averaged": get("eval/top1_rotation_averaged"),
+            "wall_s": None if wall_s is None else round(wall_s, 1),
+            "loadavg_end": round(os.getloadavg()[0], 2),
+            "finished_at": _now(), "host": platform.node(),
+            "commit": git_commit(ROOT).get("commit")}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ============================================================================ running
+
+
+def execute(run: Run, planner: Planner, progress: bool) -> tuple[dict[str, Any], float]:
+    """Pseudo-label first if the run needs it, then train (or resume); (metrics, wall s)."""
+    from s4l.cli import main as s4l_main
+    from s4l.training.trainer import train
+
+    t0 = time.time()
+    if run.pseudo_labels is not None and not run.pseudo_labels.exists():
+        run.pseudo_labels.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["pseudo-label", "--checkpoint", str(run.teacher_ckpt), "--data", planner.data,
+                "--out", str(run.pseudo_labels), "--workers", str(run.config.data.workers)]
+        if planner.label_file:
+            argv += ["--labels", str(planner.label_file)]
+        if not progress:
+            argv.append("--no-progress")
+        log.info("s4l %s", " ".join(shlex.quote(a) for a in argv))
+        if s4l_main(argv) != 0 or not run.pseudo_labels.exists():
+            raise RuntimeError("s4l pseudo-label failed")
+    log.info("training %s (%s, %d steps x %d images)", run.id, run.config.preset,
+             run.budget["steps"], run.budget["images_per_step"])
+    metrics = train(run.config, run.workdir, progress=progress)
+    return metrics, time.time() - t0
+
+
+def bn_recompute(run: Run, batches: int = 40, batch_size: int = 250) -> dict[str, float]:
+    """Re-estimate every BN layer's statistics on unrotated training images (eval crop, a fixed
+    random sample of labelled + unlabelled images) and re-evaluate the test and held-out splits."""
+    import numpy as np
+    import torch
+
+    from s4l.training import distributed as D
+    from s4l.training.checkpoint import load_for_inference
+    from s4l.training.data import make_eval_loader
+    from s4l.training.objectives import build_objective
+    from s4l.training.trainer import _Data, evaluate
+
+    cfg = run.config
+    inf = load_for_inference(run.workdir / "checkpoint.pt")
+    model = inf.model
+    env = D.DistEnv()
+    data = _Data(cfg, env)
+    obj = build_objective(cfg.objective.name, cfg.objective.objective_config(),
+                          len(data.class_names))
+    before = evaluate(model, obj, data, cfg, env)
+    pool = np.array(sorted(set(data.labelled) | set(data.unlabelled)))
+    idx = np.sort(np.random.default_rng(0).permutation(pool)[: batches * batch_size])
+    from s4l.imaging import PreprocessSpec
+
+    spec = PreprocessSpec(resize=cfg.data.eval_resize, crop=cfg.data.image_size,
+                          interpolation="area")
+    loader = make_eval_loader(data.source, idx, spec=spec, batch_size=batch_size,
+                              workers=min(cfg.data.workers, 2))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over every batch
+    model.train()
+    with torch.no_grad():
+        for images, _ in loader:
+            model(images.flatten(0, 1), heads=("classes",))
+    model.eval()
+    after = evaluate(model, obj, data, cfg, env)
+    keep = ("eval/top1", "eval/top5", "heldout/top1", "heldout/top5")
+    return {"run": run.id, "bn_images": int(len(idx)),
+            **{f"before/{k}": round(before[k], 4) for k in keep if k in before},
+            **{f"after/{k}": round(after[k], 4) for k in keep if k in after}}
+
+
+def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
+              overrides: Sequence[str] = (), only: Sequence[str] = (), dry_run: bool = False,
+              progress: bool = False, command: str = "") -> int:
+    data = resolve_data("builtin:digits" if smoke and study.data == "cifar10" else study.data)
+    ledger_path = report.with_suffix(".json")
+    ledger, analyses = load_ledger(ledger_path)
+    failed: dict[str, str] = {}
+    started = time.time()
+    while True:
+        planner = Planner(study, data, workdir, ledger, smoke=smoke, overrides=overrides)
+        plan = planner.build()
+        if dry_run:
+            print_plan(planner, plan, analyses)
+            return 0
+        todo = [r for r in plan if planner.result(r) is None and r.alias_of is None
+                and r.id not in failed and not r.pending and (not only or r.method in only)
+                and not any(d in failed for d in r.deps)]
+        if not todo:
+            break
+        run = todo[0]
+        try:
+            metrics, wall = execute(run, planner, progress)
+            ledger[run.id] = record_of(run, metrics, wall)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one failed run must not stop the study: record, go on
+            failed[run.id] = f"{type(e).__name__}: {e}"
+            log.error("%s failed: %s\n%s", run.id, e, traceback.format_exc())
+        write_report(study, planner, ledger, analyses, report, command, failed,
+                     time.time() - started)
+    # Analyses of finished final runs (BN statistics recomputed).
+    for d in study.diagnosis:
+        if d.kind != "bn-recompute" or (only and d.method not in only):
+            continue
+        m = study.method(d.method)
+        if planner.selection[m.key].get("pending"):
+            continue
+        rid = planner.final_id(m, d.seed)
+        run = planner.runs.get(rid)
+        if run is None or planner.result(run) is None:
+            continue
+        if analyses.get(d.key, {}).get("hash") == run.hash:
+            continue
+        if not (run.workdir / "checkpoint.pt").exists():
+            log.warning("%s: %s has no checkpoint on this machine; rerun it to analyse it",
+                        d.key, rid)
+            continue
+        log.info("diagnosis %s: BN statistics of %s recomputed on training images", d.key, rid)
+        analyses[d.key] = {**bn_recompute(run), "hash": run.hash, "label": d.label,
+                           "finished_at": _now()}
+    write_report(study, planner, ledger, analyses, report, command, failed,
+                 time.time() - started)
+    for rid, why in failed.items():
+        log.error("%s did not finish: %s", rid, why)
+    return 1 if failed else 0
+
+
+# ============================================================================ plan and cost
+
+
+def rates(ledger: dict[str, dict]) -> dict[str, float]:
+    """Forwarded images/s per objective, from this study's finished runs (else the defaults)."""
+    acc: dict[str, list[float]] = {}
+    for r in ledger.values():
+        if r.get("wall_s"):
+            obj = OBJECTIVE_OF.get(r["method"], r["method"])
+            acc.setdefault(obj, []).append(r["images"] / r["wall_s"])
+    out = dict(DEFAULT_RATE)
+    out.update({k: statistics.median(v) for k, v in acc.items()})
+    return out
+
+
+OBJECTIVE_OF: dict[str, str] = {}
+
+
+def print_plan(planner: Planner, plan: list[Run], analyses: dict[str, Any]) -> None:
+    for r in plan:
+        OBJECTIVE_OF[r.method] = r.config.objective.name
+    rate = rates(planner.ledger)
+    print(f"study {planner.study.name}: {planner.counts['labelled']} labelled, "
+          f"{planner.counts['train']} training, {planner.counts['heldout']} held-out images")
+    print(f"{'run':<52} {'status':<9} {'steps':>6} {'img/step':>8} {'images':>11} {'est.':>8}")
+    left = total = 0.0
+    for r in plan:
+        done = planner.result(r) is not None
+        status = ("same as " + r.alias_of) if r.alias_of else (
+            "done" if done else ("pending" if r.pending else "todo"))
+        part = r.workdir / "checkpoint.pt"
+        if not done and not r.alias_of and part.exists():
+            status = "partial"
+        sec = r.budget["images"] / rate.get(r.config.objective.name, 500.0)
+        if not r.alias_of:
+            total += sec
+            left += 0 if done else sec
+        print(f"{r.id:<52} {status[:30]:<9} {r.budget['steps']:>6} "
+              f"{r.budget['images_per_step']:>8} {r.budget['images']:>11,} {sec / 60:>6.1f}m")
+    for m, sel in planner.selection.items():
+        if sel.get("pending"):
+            print(f"{m}: selection pending (its sweep is unfinished); later runs are planned "
+                  "with the first grid point")
+        elif sel.get("run"):
+            print(f"{m}: selected {Planner.tag(sel['hyper'])} (held-out top-1 "
+                  f"{sel['heldout_top1']:.2f})")
+    print(f"\n{len(plan)} runs; {total / 3600:.2f} h on this machine in all, "
+          f"{left / 3600:.2f} h left (rates: "
+          + ", ".join(f"{k} {v:.0f} img/s" for k, v in sorted(rate.items())) + ")")
+
+
+# ============================================================================ the report
+
+
+def _ms(vals: Sequence[float]) -> str:
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+
+def summary(planner: Planner, ledger: dict[str, dict]) -> list[dict[str, Any]]:
+    out = []
+    for m in planner.study.methods:
+        ids = [planner.final_id(m, s) for s in range(m.seeds)]
+        recs = [ledger[i] for i in ids if i in ledger
+                and ledger[i]["hash"] == planner.runs[i].hash]
+        sel = planner.selection[m.key]
+        out.append({"method": m.key, "label": m.label, "seeds_planned": m.seeds,
+                    "seeds_done": [r["seed"] for r in recs],
+                    "selected": None if sel.get("pending") else sel["hyper"],
+                    **{k: [r[k] for r in recs if r.get(k) is not None]
+                       for k in ("test_top1", "test_top5", "heldout_top1",
+                                 "test_top1_rotation_averaged")},
+                    "paper": PAPER.get(m.key)})
+    return out
+
+
+def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analyses: dict,
+                 report: Path, command: str, failed: dict[str, str], session_s: float) -> None:
+    from s4l.provenance import file_sha256, machine_info
+
+    finals = {planner.final_id(m, s) for m in study.methods for s in range(m.seeds)}
+    runs = []
+    for r in planner.runs.values():
+        rec = planner.result(r)
+        if rec is None or r.alias_of:
+            continue
+        runs.append({**rec, "final": r.id in finals, "in_sweep": r.role == "sweep",
+                     "selected_on": (planner.selection.get(r.method, {}).get("selected_on")
+                                     if r.role != "sweep" else planner.selected_on())})
+    # Keep finished runs of the ledger that today's plan does not hold (another config).
+    planned = {r["id"] for r in runs}
+    kept = [dict(r, final=False, stale=True) for i, r in ledger.items() if i not in planned]
+    conv = None
+    if study.convergence:
+        m = study.method(study.convergence["method"])
+        f = study.convergence.get("factor", 2)
+        base, long = (planner.result(planner.runs[planner.final_id(m, 0)])
+                      if planner.final_id(m, 0) in planner.runs else None,
+                      planner.result(planner.runs[f"convergence/{m.key}/x{f:g}/seed0"]))
+        conv = {"method": m.key, "factor": f,
+                "labelled_epochs": [base and base["labelled_epochs"], long and long["labelled_epochs"]],
+                "test_top1": [base and base["test_top1"], long and long["test_top1"]],
+                "supervised_gain_when_doubling_epochs":
+                    round(long["test_top1"] - base["test_top1"], 3) if base and long else None}
+    # Diagnosis runs that are the same config as another run (e.g. a sweep point) reuse it.
+    diagnosis = {}
+    for d in study.diagnosis:
+        run = planner.runs.get(f"diagnosis/{d.key}/seed{d.seed}")
+        rec = planner.result(run) if run else None
+        if rec:
+            diagnosis[d.key] = {**rec, "diagnosis": d.key, "same_as": run.alias_of}
+    wall = sum(r.get("wall_s") or 0 for r in runs)
+    doc = {
+        "study": study.name, "title": study.title, "study_file": study.source_file,
+        "command": command, "updated_at": _now(), "data": study.data,
+        "counts": planner.counts, "schedule": study.schedule,
+        "label_file": str(planner.label_file) if planner.label_file else None,
+        "label_file_sha256": file_sha256(planner.label_file) if planner.label_file else None,
+        "common_overrides": dict(study.common), "sweep": {k: list(v) for k, v in study.sweep},
+        "selection": {k: v for k, v in planner.selection.items()},
+        "summary": summary(planner, ledger), "convergence": conv,
+        "analyses": analyses, "diagnosis": diagnosis, "runs": runs + kept,
+        "cost": {"machine_hours": round(wall / 3600, 3),
+                 "cpu_hours": round(wall * (os.cpu_count() or 1) / 3600, 3),
+                 "note": "sum of the finished runs' wall time on their machine (cores: "
+                         f"{os.cpu_count()}); cpu_hours = wall x cores"},
+        "machine": machine_info(), "failed": failed,
+    }
+    _write_json(report.with_suffix(".json"), doc)
+    try:
+        plot(doc, report.with_suffix(".png"))
+    except Exception as e:  # the plot must not lose the numbers
+        log.warning("plot failed: %s", e)
+    report.with_suffix(".md").write_text(markdown(doc, study, report.with_suffix(".png").name))
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["summary"]
+    sweep_methods = [m for m in doc["selection"] if doc["selection"][m].get("candidates")]
+    fig, axes = plt.subplots(1, 2 if sweep_methods else 1, figsize=(12 if sweep_methods else 7, 4.5),
+                             squeeze=False)
+    ax = axes[0][0]
+    for i, row in enumerate(rows):
+        ys = row["test_top1"]
+        ax.scatter([i] * len(ys), ys, color="C0", zorder=3, label="one seed" if i == 0 else None)
+        if ys:
+            ax.hlines(statistics.fmean(ys), i - 0.25, i + 0.25, color="k", zorder=2,
+                      label="mean" if i == 0 else None)
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel("CIFAR-10 test top-1 (%)")
+    ax.set_title("final runs: every seed is a dot")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if sweep_methods:
+        ax = axes[0][1]
+        for j, m in enumerate(sweep_methods):
+            c = doc["selection"][m]["candidates"]
+            ax.scatter([j + 0.1 * (k - len(c) / 2) for k in range(len(c))],
+                       [x["heldout_top1"] for x in c], color=f"C{j}")
+            for k, x in enumerate(c):
+                ax.annotate(Planner.tag(x["hyper"]), (j + 0.1 * (k - len(c) / 2),
+                            x["heldout_top1"]), fontsize=6, rotation=90, va="bottom")
+        ax.set_xticks(range(len(sweep_methods)), sweep_methods, rotation=20, ha="right")
+        ax.set_ylabel("held-out top-1 (%)")
+        ax.set_title("sweep (seed 0): selection is on the held-out split")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _num(x: float | None, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
+    c = doc["counts"]
+    out = [f"# {doc['title']}\n",
+           f"Generated by `{doc['command'] or 's4l study ' + study.source_file}` from "
+           f"`{study.source_file}`; updated {doc['updated_at']}. Every number below is read from "
+           f"the runs' own final metrics (`{Path(study.report).name}.json`).\n"]
+    if study.notes:
+        out.append(study.notes.strip() + "\n")
+    sched = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in doc["schedule"].items())
+    out.append(f"- data: {doc['data']}; {c['labelled']:,} labelled images, {c['train']:,} "
+               f"training images (labelled ones included), {c['heldout']:,} held-out training "
+               f"images for every choice, the test split evaluated once at the end.")
+    out.append(f"- schedule: {sched} for every method; each preset's warmup / decay proportions "
+               "are kept.")
+    if doc["common_overrides"]:
+        out.append("- every run: " + ", ".join(f"`{k}={v}`" for k, v in doc["common_overrides"].items()))
+    if doc["sweep"]:
+        out.append("- sweep (seed 0, each method the same grid): " + " x ".join(
+            f"`{k}` in {v}" for k, v in doc["sweep"].items()))
+    cost = doc["cost"]
+    out.append(f"- cost so far: {cost['machine_hours']:.2f} h of wall time on the machine "
+               f"({cost['cpu_hours']:.2f} CPU hours); machine: {doc['machine'].get('cpu', '?')}, "
+               f"{doc['machine'].get('cores_logical', '?')} logical cores.\n")
+    out.append(f"![every seed of every method]({png})\n")
+    out.append("## Final runs (selected configs)\n")
+    out.append("| method | seeds | selected | test top-1 | test top-5 | held-out top-1 | "
+               "paper top-5 1% / 10% | release top-1 10% |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for r in doc["summary"]:
+        p = r["paper"] or {}
+        sel = "pending" if r["selected"] is None else (Planner.tag(r["selected"]) if r["selected"]
+                                                        else "preset")
+        out.append(f"| {r['label']} | {len(r['seeds_done'])}/{r['seeds_planned']} | {sel} | "
+                   f"{_ms(r['test_top1'])} | {_ms(r['test_top5'])} | {_ms(r['heldout_top1'])} | "
+                   f"{_num(p.get('top5_1'))} / {_num(p.get('top5_10'))} | {_num(p.get('top1_10'))} |")
+    sup = next((r for r in doc["summary"] if r["method"] == "supervised"), None)
+    if sup and sup["test_top1"]:
+        out.append("")
+        for r in doc["summary"]:
+            if r is sup or not r["test_top1"]:
+                continue
+            d = statistics.fmean(r["test_top1"]) - statistics.fmean(sup["test_top1"])
+            paper = (r["paper"] or {}).get("top5_1"), (PAPER["supervised"]["top5_1"])
+            out.append(f"- {r['label']} minus supervised: {d:+.2f} points of test top-1 "
+                       f"({len(r['test_top1'])} vs {len(sup['test_top1'])} seeds)"
+                       + (f"; the paper's 1% column: {paper[0] - paper[1]:+.2f} top-5"
+                          if paper[0] else ""))
+    conv = doc.get("convergence")
+    if conv:
+        out.append("\n## Convergence\n")
+        e0, e1 = conv["labelled_epochs"]
+        t0, t1 = conv["test_top1"]
+        out.append(f"The selected {conv['method']} config, seed 0, at {_num(e0, 0)} and "
+                   f"{_num(e1, 0)} labelled epochs: test top-1 {_num(t0)} -> {_num(t1)}, a gain of "
+                   f"**{_num(conv['supervised_gain_when_doubling_epochs'])}** points when the "
+                   "schedule is doubled.\n")
+    if doc["sweep"]:
+        out.append("\n## Sweep (seed 0; selected on the held-out split)\n")
+        out.append("| method | config | held-out top-1 | test top-1 (not used to select) | selected |")
+        out.append("|---|---|---|---|---|")
+        for m, sel in doc["selection"].items():
+            for cand in sel.get("candidates", []):
+                rec = next((r for r in doc["runs"] if r["id"] == cand["run"]), {})
+                out.append(f"| {m} | {Planner.tag(cand['hyper'])} | {_num(cand['heldout_top1'])} | "
+                           f"{_num(rec.get('test_top1'))} | {'yes' if cand['run'] == sel.get('run') else ''} |")
+    if doc["diagnosis"] or doc["analyses"]:
+        out.append("\n## Diagnosis\n")
+        out.append("| step | run | test top-1 | test top-5 | held-out top-1 |")
+        out.append("|---|---|---|---|---|")
+        for d in study.diagnosis:
+            rec = doc["diagnosis"].get(d.key)
+            a = doc["analyses"].get(d.key)
+            if rec:
+                out.append(f"| {d.label} | `{rec['id']}` ({Planner.tag(rec['hyper'])}) | "
+                           f"{_num(rec['test_top1'])} | {_num(rec['test_top5'])} | "
+                           f"{_num(rec['heldout_top1'])} |")
+            elif a:
+                out.append(f"| {d.label}: before | `{a['run']}` | {_num(a.get('before/eval/top1'))} | "
+                           f"{_num(a.get('before/eval/top5'))} | {_num(a.get('before/heldout/top1'))} |")
+                out.append(f"| {d.label}: after ({a['bn_images']:,} images) | `{a['run']}` | "
+                           f"{_num(a.get('after/eval/top1'))} | {_num(a.get('after/eval/top5'))} | "
+                           f"{_num(a.get('after/heldout/top1'))} |")
+            else:
+                out.append(f"| {d.label} | not run yet | - | - | - |")
+    out.append("\n## Every run\n")
+    out.append("| run | labelled epochs | steps | images | wall | held-out top-1 | test top-1 | "
+               "test top-5 | final |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for r in doc["runs"]:
+        w = r.get("wall_s")
+        out.append(f"| `{r['id']}`{' (stale)' if r.get('stale') else ''} | "
+                   f"{_num(r.get('labelled_epochs'), 0)} | {r['steps']:,} | {r['images']:,} | "
+                   f"{'-' if not w else f'{w / 60:.1f} min'} | {_num(r.get('heldout_top1'))} | "
+                   f"{_num(r.get('test_top1'))} | {_num(r.get('test_top5'))} | "
+                   f"{'yes' if r.get('final') else ''} |")
+    out.append("\nWall times are those of the run's own session; the load average at its end is "
+               "in the JSON (`loadavg_end`): a figure taken while other jobs shared the cores is "
+               "an indication only.")
+    if doc["failed"]:
+        out.append("\nDid not finish in the last session: " + "; ".join(
+            f"`{k}`: {v}" for k, v in doc["failed"].items()))
+    return "\n".join(out) + "\n"
+
+
+# ============================================================================ the command
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="the study file (TOML), e.g. experiments/table1_protocol.toml")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its cost, run nothing")
+    p.add_argument("--workdir", default=None, help="where the runs live (default runs/<name>)")
+    p.add_argument("--report", default=None,
+                   help="report path without suffix (default: the study's `report`)")
+    p.add_argument("--only", default=None, help="comma-separated methods to run now")
+    p.add_argument("--smoke", action="store_true",
+                   help="the presets' -smoke variants (tiny nets; builtin:digits for cifar10): "
+                        "the plumbing in seconds, not results")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (changes every run's identity)")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    study = load_study(args.study)
+    if args.smoke:
+        key = next(iter(study.schedule))
+        study = dataclasses.replace(study, schedule={key: 2 if key == "labelled_epochs" else 128},
+                                    labels_per_class=min(study.labels_per_class or 5, 5),
+                                    heldout_per_class=min(study.heldout_per_class, 2))
+    work = Path(args.workdir or (ROOT / "runs" / (study.name + ("-smoke" if args.smoke else ""))))
+    report = Path(args.report) if args.report else (
+        work / "report" if args.smoke else Path(study.report))
+    if not report.is_absolute() and not args.report:
+        report = ROOT / report
+    work.mkdir(parents=True, exist_ok=True)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    only = [x for x in (args.only or "").split(",") if x]
+    command = "s4l study " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if sys.argv[1:2] == ["study"] else ""
+    return run_study(study, workdir=work, report=report, smoke=args.smoke,
+                     overrides=args.overrides, only=only, dry_run=args.dry_run,
+                     progress=args.progress, command=command)
+

@@ -1,0 +1,214 @@
+"""`s4l study`: the declarative study runner (s4l/study.py) end to end on a tiny image folder.
+
+Real training runs (the presets' -smoke variants, 1-2 steps each) on generated JPEGs. Checked:
+every run of the plan finishes and its record holds its own final metrics; the selection is the
+best held-out top-1 of the sweep, never the test split; the selected sweep run is seed 0 of the
+final runs; the convergence entry is the doubled run minus the base run; a diagnosis that is the
+same config as a sweep point reuses it; a second invocation retrains nothing; and the committed
+report alone (workdirs deleted, as on a fresh machine) keeps every finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_image_folder
+
+from s4l import study as S
+
+STUDY = """
+name = "tiny"
+data = "{data}"
+labels_per_class = 4
+heldout_per_class = 2
+schedule = {{ labelled_epochs = 1 }}
+report = "{report}"
+
+[set]
+"data.workers" = 0
+"bn.ghost_batch" = "null"
+
+[sweep]
+"optim.lr" = [0.01, 0.1]
+"optim.weight_decay" = [0.001]
+
+[[method]]
+key = "supervised"
+preset = "cifar10-supervised-10pct"
+seeds = 2
+
+[[method]]
+key = "s4l-rotation"
+preset = "cifar10-s4l-rotation-10pct"
+seeds = 1
+
+[convergence]
+method = "supervised"
+factor = 2
+
+[[diagnosis]]
+key = "bn"
+method = "s4l-rotation"
+kind = "bn-recompute"
+
+[[diagnosis]]
+key = "upright"
+method = "s4l-rotation"
+set = {{ "objective.class_rotations" = "upright" }}
+
+[[diagnosis]]
+key = "at-sup"
+method = "s4l-rotation"
+hyper_of = "supervised"
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    data = make_image_folder(tmp / "data", classes=("a", "b", "c"), per_class=12, size=32)
+    path = tmp / "tiny.toml"
+    path.write_text(STUDY.format(data=data, report=tmp / "docs" / "tiny"))
+    work = tmp / "work"
+    argv = ["study", str(path), "--smoke", "--workdir", str(work), "--report",
+            str(tmp / "docs" / "tiny")]
+    from s4l.cli import main
+
+    assert main(argv) == 0
+    return {"tmp": tmp, "path": path, "work": work, "argv": argv,
+            "doc": json.loads((tmp / "docs" / "tiny.json").read_text())}
+
+
+def _stamps(paths):
+    return {str(p): p.stat().st_mtime_ns for p in paths}
+
+
+def test_every_run_records_its_own_metrics_and_the_fields_the_report_needs(tiny):
+    doc, work = tiny["doc"], tiny["work"]
+    ids = {r["id"] for r in doc["runs"]}
+    assert ids == {"sweep/supervised/lr0.01_wd0.001/seed0", "sweep/supervised/lr0.1_wd0.001/seed0",
+                   "sweep/s4l-rotation/lr0.01_wd0.001/seed0",
+                   "sweep/s4l-rotation/lr0.1_wd0.001/seed0", "final/supervised/seed1",
+                   "convergence/supervised/x2/seed0", "diagnosis/upright/seed0"}
+    for r in doc["runs"]:
+        final = json.loads((work / r["id"] / "final_metrics.json").read_text())
+        assert r["test_top1"] == pytest.approx(final["eval/top1"])
+        assert r["test_top5"] is None and "eval/top5" not in final  # 3 classes: top-3 only
+        assert r["heldout_top1"] == pytest.approx(final["heldout/top1"])
+        assert final["heldout/n"] == 6  # 2 per class, the same images for every run
+        assert final["step"] == r["steps"]
+        for key in ("method", "seed", "labelled_epochs", "final", "selected_on", "hyper"):
+            assert key in r, key
+        cfg = json.loads((work / r["id"] / "config.json").read_text())
+        assert cfg["optim"]["lr"] == r["hyper"]["optim.lr"]
+    conv = doc["convergence"]
+    runs = {r["id"]: r for r in doc["runs"]}
+    base = runs[doc["selection"]["supervised"]["run"]]
+    long = runs["convergence/supervised/x2/seed0"]
+    assert long["labelled_epochs"] == 2 * base["labelled_epochs"]
+    assert conv["supervised_gain_when_doubling_epochs"] == pytest.approx(
+        long["test_top1"] - base["test_top1"], abs=1e-3)
+    assert (tiny["tmp"] / "docs" / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_selection_is_the_best_heldout_sweep_point_and_its_run_is_seed_zero(tiny):
+    doc = tiny["doc"]
+    runs = {r["id"]: r for r in doc["runs"]}
+    for method in ("supervised", "s4l-rotation"):
+        sel = doc["selection"][method]
+        sweep = [r for r in doc["runs"] if r["method"] == method and r["role"] == "sweep"]
+        best = max(sweep, key=lambda r: (r["heldout_top1"], -r["hyper"]["optim.lr"]))
+        assert sel["run"] == best["id"] and sel["hyper"] == best["hyper"]
+        assert "heldout" in sel["selected_on"]
+        assert runs[best["id"]]["final"] is True
+        assert all(not r["final"] for r in sweep if r["id"] != best["id"])
+    sup = next(s for s in doc["summary"] if s["method"] == "supervised")
+    assert sup["seeds_done"] == [0, 1]
+    assert runs["final/supervised/seed1"]["hyper"] == doc["selection"]["supervised"]["hyper"]
+    md = (tiny["tmp"] / "docs" / "tiny.md").read_text()
+    assert "## Sweep" in md and "## Convergence" in md and "## Diagnosis" in md
+
+
+def test_diagnoses_reuse_identical_runs_and_bn_recompute_is_recorded(tiny):
+    doc = tiny["doc"]
+    at_sup = doc["diagnosis"]["at-sup"]
+    # S4L-Rotation at supervised's selected lr/wd is a point of its own sweep: reused, not rerun.
+    assert at_sup["same_as"] == "sweep/s4l-rotation/" + S.Planner.tag(
+        doc["selection"]["supervised"]["hyper"]) + "/seed0"
+    up = doc["diagnosis"]["upright"]
+    assert up["hyper"]["objective.class_rotations"] == "upright"
+    bn = doc["analyses"]["bn"]
+    assert bn["run"] == doc["selection"]["s4l-rotation"]["run"]
+    assert bn["bn_images"] > 0 and "after/eval/top1" in bn and "before/eval/top1" in bn
+    runs = {r["id"]: r for r in doc["runs"]}
+    # "before" is the run's own evaluation, recomputed from its checkpoint.
+    assert bn["before/eval/top1"] == pytest.approx(runs[bn["run"]]["test_top1"])
+
+
+def test_rerun_trains_nothing_and_the_report_alone_keeps_the_study(tiny, capsys):
+    from s4l.cli import main
+
+    work = tiny["work"]
+    ckpts = sorted(work.glob("**/checkpoint.pt"))
+    assert len(ckpts) == 7
+    before = _stamps(ckpts)
+    assert main(tiny["argv"]) == 0
+    assert _stamps(ckpts) == before
+    # A fresh machine: no workdirs, only the committed report. Nothing is retrained.
+    shutil.rmtree(work)
+    capsys.readouterr()
+    assert main([*tiny["argv"], "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "0.00 h left" in out and "todo" not in out
+    assert main(tiny["argv"]) == 0
+    assert not list(work.glob("**/checkpoint.pt"))
+    again = json.loads((tiny["tmp"] / "docs" / "tiny.json").read_text())
+    assert {r["id"] for r in again["runs"]} == {r["id"] for r in tiny["doc"]["runs"]}
+
+
+def test_a_changed_study_plans_new_runs_and_keeps_the_old_ones_as_stale(tiny, tmp_path, capsys):
+    path = tmp_path / "changed.toml"
+    report = tmp_path / "rep"
+    shutil.copyfile(tiny["tmp"] / "docs" / "tiny.json", report.with_suffix(".json"))
+    path.write_text(tiny["path"].read_text().replace('"data.workers" = 0',
+                                                     '"data.workers" = 0\n"optim.momentum" = 0.5'))
+    from s4l.cli import main
+
+    assert main(["study", str(path), "--smoke", "--workdir", str(tmp_path / "w"), "--report",
+                 str(report), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "done" not in out.replace("done:", "") and "todo" in out
+
+
+@pytest.mark.parametrize("text,message", [
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {epochs = 3}\n[[method]]\nkey="a"\n'
+     'preset="cifar10-supervised-10pct"\n', "schedule must be"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\nfoo = 1\n', "unknown keys"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[sweep]\n"optim.momentum" = [1]'
+     '\n[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n', "sweep key"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[set]\n"optim.nope" = 1\n'
+     '[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n', "unknown config key"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[[method]]\nkey="a"\n'
+     'preset="no-such-preset"\n', "no-such-preset"),
+    ('name = "x" data', "not valid TOML"),
+])
+def test_bad_study_files_get_one_clear_line(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    p = subprocess.run([sys.executable, "-m", "s4l.cli", "study", str(path), "--dry-run"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_repository_studies_parse_and_plan():
+    root = Path(__file__).resolve().parents[1]
+    study = S.load_study(root / "experiments" / "table1_protocol.toml")
+    assert [m.key for m in study.methods][:3] == ["supervised", "s4l-rotation", "s4l-exemplar"]
+    assert dict(study.common)["data.augment"] == "pad-crop"
+    assert Path(study.label_file).exists()
