@@ -97,9 +97,9 @@ def test_every_run_records_its_own_metrics_and_the_fields_the_report_needs(tiny)
                    "convergence/supervised/x2/seed0", "diagnosis/upright/seed0"}
     for r in doc["runs"]:
         final = json.loads((work / r["id"] / "final_metrics.json").read_text())
-        assert r["test_top1"] == pytest.approx(final["eval/top1"])
+        assert r["test_top1"] == pytest.approx(final["eval/top1"], abs=1e-3)
         assert r["test_top5"] is None and "eval/top5" not in final  # 3 classes: top-3 only
-        assert r["heldout_top1"] == pytest.approx(final["heldout/top1"])
+        assert r["heldout_top1"] == pytest.approx(final["heldout/top1"], abs=1e-3)
         assert final["heldout/n"] == 6  # 2 per class, the same images for every run
         assert final["step"] == r["steps"]
         for key in ("method", "seed", "labelled_epochs", "final", "selected_on", "hyper"):
@@ -147,7 +147,7 @@ def test_diagnoses_reuse_identical_runs_and_bn_recompute_is_recorded(tiny):
     assert bn["bn_images"] > 0 and "after/eval/top1" in bn and "before/eval/top1" in bn
     runs = {r["id"]: r for r in doc["runs"]}
     # "before" is the run's own evaluation, recomputed from its checkpoint.
-    assert bn["before/eval/top1"] == pytest.approx(runs[bn["run"]]["test_top1"])
+    assert bn["before/eval/top1"] == pytest.approx(runs[bn["run"]]["test_top1"], abs=1e-3)
 
 
 def test_rerun_trains_nothing_and_the_report_alone_keeps_the_study(tiny, capsys):
@@ -171,7 +171,7 @@ def test_rerun_trains_nothing_and_the_report_alone_keeps_the_study(tiny, capsys)
     assert {r["id"] for r in again["runs"]} == {r["id"] for r in tiny["doc"]["runs"]}
 
 
-def test_a_changed_study_plans_new_runs_and_keeps_the_old_ones_as_stale(tiny, tmp_path, capsys):
+def test_a_changed_config_does_not_pass_old_runs_off_as_its_own(tiny, tmp_path, capsys):
     path = tmp_path / "changed.toml"
     report = tmp_path / "rep"
     shutil.copyfile(tiny["tmp"] / "docs" / "tiny.json", report.with_suffix(".json"))
