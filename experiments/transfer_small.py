@@ -27,7 +27,6 @@ Outputs: WORKDIR/ (runs, features, probe/report.json, probe/learning_curves.png)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -54,17 +53,6 @@ def unpack(name: str, top: str, given: str | None) -> Path:
     if not (CACHE / f".{top}.done").exists() and not archive.exists():
         sys.exit(f"{archive} is absent; pass the unpacked root with --{top.split('-')[0]}")
     return unpack_once(archive, top, CACHE)
-
-
-def subset_list(root: Path, split: str, per_class: int, out: Path) -> str:
-    """A Places205-format list of the first `per_class` images of each class (smoke runs)."""
-    lines = []
-    for c, d in enumerate(sorted(p for p in (root / split).iterdir() if p.is_dir())):
-        for f in sorted(d.iterdir())[:per_class]:
-            lines.append(f"{f.relative_to(root).as_posix()} {c}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    return f"places205:{out}@{root}"
 
 
 def train_backbone(name: str, cifar: Path, workdir: Path, smoke: bool, overrides: list[str]) -> Path:
@@ -111,10 +99,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     command = "python experiments/transfer_small.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
-    from s4l.evaluation.cmd_probe import build_settings
-    from s4l.evaluation.cmd_probe import configure as probe_configure
-    from s4l.evaluation.extract import ExtractConfig, extract
-    from s4l.evaluation.report import probe_files
+    from s4l.evaluation.transfer import transfer_probe
 
     # -- 1. backbones
     cifar = None if (args.s4l_ckpt and args.rot_ckpt) or args.smoke else unpack(
@@ -125,29 +110,11 @@ def main() -> int:
         "rotation": Path(args.rot_ckpt) if args.rot_ckpt else
         train_backbone("rotation", cifar, workdir, args.smoke, args.overrides),
     }
-    # -- 2. features of the other domain
+    # -- 2. features of the other domain, 3. probes (both schedules), one line per backbone
     nette = unpack("imagenette-224.tar.gz", "imagenette-224", args.imagenette)
-    data = {split: (subset_list(nette, split, args.per_class, workdir / "lists" / f"{split}.txt")
-                    if args.per_class else str(nette)) for split in ("train", "val")}
-    feats = {}
-    for name, ck in ckpts.items():
-        for split in ("train", "val"):
-            out = workdir / "features" / f"{name}_{split}.h5"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if not out.exists():
-                extract(ExtractConfig(model=str(ck), data=data[split], out=str(out), split=split))
-            feats[name, split] = out
-    # -- 3. probes, both schedules, one line per backbone
-    pa = argparse.ArgumentParser()
-    probe_configure(pa)
-    pargs = pa.parse_args(["--train", "x", "--val", "x", "--out", "x", "--schedules", args.schedules])
+    report = transfer_probe(ckpts, nette, workdir, schedules=args.schedules,
+                            per_class=args.per_class)
     probe_dir = workdir / "probe"
-    report_path = probe_dir / "report.json"
-    if report_path.exists():
-        report = json.loads(report_path.read_text())
-    else:
-        report = probe_files([feats[n, "train"] for n in ckpts], [feats[n, "val"] for n in ckpts],
-                             probe_dir, build_settings(pargs))
     # -- 4. the results table
     table = results_table(report, ckpts)
     print(table)

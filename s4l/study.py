@@ -119,6 +119,7 @@ class Study:
     label_file: str | None = None  # a saved label file (relative to the study file's folder)
     notes: str = ""
     source_file: str = ""
+    transfer: dict[str, Any] | None = None  # {backbone, baseline_preset, data, schedules}
 
     def method(self, key: str) -> Method:
         for m in self.methods:
@@ -151,7 +152,7 @@ def load_study(path: str | os.PathLike) -> Study:
         raise UserError(f"{path} is not valid TOML: {e}") from None
     known = {"name", "title", "data", "labels_per_class", "label_seed", "heldout_per_class",
              "schedule", "method", "sweep", "set", "convergence", "diagnosis", "report",
-             "label_file", "notes"}
+             "label_file", "notes", "transfer"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
@@ -203,7 +204,14 @@ def load_study(path: str | os.PathLike) -> Study:
     conv = raw.get("convergence")
     if conv is not None and (conv.get("method") not in keys or not conv.get("factor", 2) > 1):
         raise UserError(f"{path}: convergence needs a study method and a factor > 1, got {conv}")
+    transfer = raw.get("transfer")
+    if transfer is not None:
+        if transfer.get("backbone") not in keys or "baseline_preset" not in transfer:
+            raise UserError(f"{path}: transfer needs backbone (a study method) and "
+                            f"baseline_preset, got {transfer}")
+        get_preset(transfer["baseline_preset"])
     study = Study(
+        transfer=transfer,
         name=raw["name"], title=raw.get("title", raw["name"]), data=raw["data"],
         labels_per_class=raw.get("labels_per_class"), label_seed=raw.get("label_seed", 0),
         heldout_per_class=raw.get("heldout_per_class", 10), schedule=dict(sched),
@@ -266,7 +274,8 @@ def resolve_data(name: str) -> str:
     "builtin:..." as is, or a folder."""
     from s4l.provenance import unpack_once
 
-    archives = {"cifar10": ("cifar10-jpg.tar.gz", "cifar10")}
+    archives = {"cifar10": ("cifar10-jpg.tar.gz", "cifar10"),
+                "imagenette": ("imagenette-224.tar.gz", "imagenette-224")}
     if name in archives:
         shared = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
         cache = Path(os.environ.get("S4L_TEST_CACHE", Path.home() / ".cache" / "s4l-test-data"))
@@ -335,8 +344,13 @@ class Planner:
 
     # ---------------------------------------------------------------- label file
     def _label_file(self) -> Path | None:
-        from s4l.datasets import (balanced_subset, label_map_names, read_label_map,
-                                  select_labelled, write_label_map)
+        from s4l.datasets import (
+            balanced_subset,
+            label_map_names,
+            read_label_map,
+            select_labelled,
+            write_label_map,
+        )
 
         s = self.study
         if s.labels_per_class is None and not s.label_file:
@@ -380,7 +394,7 @@ class Planner:
             schedule=None, **kw) -> Run:
         if rid in self.runs:
             return self.runs[rid]
-        labelled = not any(k == "data.pseudo_labels" for k, _ in pairs)
+        labelled = not any(k == "data.pseudo_labels" for k, _ in pairs) and role != "transfer"
         cfg, budget = self.config(kw.pop("preset", method.preset), seed, pairs, schedule,
                                   labelled=labelled)
         run = Run(rid, method.key, role, seed, cfg, budget, hyper, self.work / rid, **kw)
@@ -456,6 +470,14 @@ class Planner:
             self.add(f"convergence/{m.key}/x{factor:g}/seed0", m, "convergence", 0,
                      [*m.set, *sel["hyper"].items()], sel["hyper"], schedule=sched,
                      pending=sel.get("pending", False))
+        if s.transfer:
+            # The self-supervised baseline forwards as many images as the backbone's run.
+            m = s.method(s.transfer["backbone"])
+            backbone = self.runs[self.final_id(m, 0)]
+            base = Method("transfer-baseline", s.transfer["baseline_preset"])
+            self.add(f"transfer/{base.preset}/seed0", base, "transfer", 0, [], {},
+                     schedule={"images": backbone.budget["images"]},
+                     pending=self.selection[m.key].get("pending", False))
         for d in s.diagnosis:
             m = s.method(d.method)
             src = self.selection[d.hyper_of or d.method]
@@ -661,11 +683,60 @@ def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
         log.info("diagnosis %s: BN statistics of %s recomputed on training images", d.key, rid)
         analyses[d.key] = {**bn_recompute(run), "hash": run.hash, "label": d.label,
                            "finished_at": _now()}
+    if study.transfer and (not only or study.transfer["backbone"] in only):
+        transfer_step(study, planner, analyses, workdir, report, smoke)
     write_report(study, planner, ledger, analyses, report, command, failed,
                  time.time() - started)
     for rid, why in failed.items():
         log.error("%s did not finish: %s", rid, why)
     return 1 if failed else 0
+
+
+def transfer_step(study: Study, planner: Planner, analyses: dict[str, Any], workdir: Path,
+                  report: Path, smoke: bool) -> None:
+    """Linear probes of the backbone's final seed-0 run and of the self-supervised baseline on
+    another domain (the paper's Places205 study), once both runs are finished here."""
+    import shutil
+
+    from s4l.evaluation.transfer import transfer_probe
+
+    t = study.transfer
+    m = study.method(t["backbone"])
+    if planner.selection[m.key].get("pending"):
+        return
+    runs = {m.key: planner.runs[planner.final_id(m, 0)],
+            "rotation-only": planner.runs[f"transfer/{t['baseline_preset']}/seed0"]}
+    if any(planner.result(r) is None for r in runs.values()):
+        return
+    key = "+".join(r.hash for r in runs.values())
+    if analyses.get("transfer", {}).get("hash") == key:
+        return
+    ckpts = {name: r.workdir / "checkpoint.pt" for name, r in runs.items()}
+    if not all(p.exists() for p in ckpts.values()):
+        log.warning("transfer: a backbone's checkpoint is not on this machine (%s); rerun it",
+                    [str(p) for p in ckpts.values() if not p.exists()])
+        return
+    root = resolve_data(t.get("data", "imagenette"))
+    out = workdir / "transfer" / key
+    log.info("transfer: features of %s and linear probes for %s", root, list(ckpts))
+    rep = transfer_probe(ckpts, root, out,
+                         schedules="short=2,long=4" if smoke else t.get("schedules",
+                                                                         "short=30,long=300"),
+                         per_class=8 if smoke else t.get("per_class"))
+    png = report.with_name(report.name + "_transfer.png")
+    if (out / "probe" / "learning_curves.png").exists():
+        shutil.copyfile(out / "probe" / "learning_curves.png", png)
+    results = {}
+    for name, r in zip(ckpts, rep["results"]):
+        results[name] = {"run": runs[name].id, "dim": r["train"].get("dim"),
+                         "train_rows": r["train"]["rows"], "val_rows": r["val"]["rows"],
+                         "sklearn_top1": r.get("sklearn", {}).get("top1"),
+                         **{f"sgd_{s}_{k}": v["top1" if k == "top1" else "top5"]
+                            for s, v in r.get("sgd", {}).items() for k in ("top1", "top5")},
+                         **{f"sgd_{s}_epochs": v["schedule"]["epochs"]
+                            for s, v in r.get("sgd", {}).items()}}
+    analyses["transfer"] = {"hash": key, "data": t.get("data", "imagenette"),
+                            "results": results, "plot": png.name, "finished_at": _now()}
 
 
 # ============================================================================ plan and cost
@@ -935,6 +1006,24 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
                            f"{_num(a.get('after/heldout/top1'))} |")
             else:
                 out.append(f"| {d.label} | not run yet | - | - | - |")
+    tr = doc["analyses"].get("transfer")
+    if study.transfer:
+        out.append("\n## Transfer: linear probes of frozen features on another domain\n")
+        if not tr:
+            out.append("Not run yet: it needs the backbone's final seed-0 run and the "
+                       f"`{study.transfer['baseline_preset']}` run of the same forwarded images.")
+        else:
+            out.append(f"Frozen `pre_logits` features of {tr['data']} (train / val), multinomial "
+                       "logistic regression; top-1 on val (%). The paper's claim: S4L features "
+                       "reach good accuracy with the short schedule, the self-supervised ones "
+                       "need the long one.\n")
+            out.append("| backbone | run | L-BFGS | SGD short | SGD long |")
+            out.append("|---|---|---|---|---|")
+            for name, r in tr["results"].items():
+                out.append(f"| {name} | `{r['run']}` | {_num(r.get('sklearn_top1'))} | "
+                           f"{_num(r.get('sgd_short_top1'))} ({r.get('sgd_short_epochs', '-')} ep.) | "
+                           f"{_num(r.get('sgd_long_top1'))} ({r.get('sgd_long_epochs', '-')} ep.) |")
+            out.append(f"\n![learning curves]({tr['plot']})")
     out.append("\n## Every run\n")
     out.append("| run | labelled epochs | steps | images | wall | held-out top-1 | test top-1 | "
                "test top-5 | final |")

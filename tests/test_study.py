@@ -51,6 +51,11 @@ seeds = 1
 method = "supervised"
 factor = 2
 
+[transfer]
+backbone = "s4l-rotation"
+baseline_preset = "cifar10-rotation-pretrain"
+data = "{other}"
+
 [[diagnosis]]
 key = "bn"
 method = "s4l-rotation"
@@ -73,7 +78,9 @@ def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
     data = make_image_folder(tmp / "data", classes=("a", "b", "c"), per_class=12, size=32)
     path = tmp / "tiny.toml"
-    path.write_text(STUDY.format(data=data, report=tmp / "docs" / "tiny"))
+    other = make_image_folder(tmp / "other", splits=("train", "val"), classes=("x", "y"),
+                              per_class=8, size=40, seed=1)
+    path.write_text(STUDY.format(data=data, report=tmp / "docs" / "tiny", other=other))
     work = tmp / "work"
     argv = ["study", str(path), "--smoke", "--workdir", str(work), "--report",
             str(tmp / "docs" / "tiny")]
@@ -94,8 +101,11 @@ def test_every_run_records_its_own_metrics_and_the_fields_the_report_needs(tiny)
     assert ids == {"sweep/supervised/lr0.01_wd0.001/seed0", "sweep/supervised/lr0.1_wd0.001/seed0",
                    "sweep/s4l-rotation/lr0.01_wd0.001/seed0",
                    "sweep/s4l-rotation/lr0.1_wd0.001/seed0", "final/supervised/seed1",
-                   "convergence/supervised/x2/seed0", "diagnosis/upright/seed0"}
+                   "convergence/supervised/x2/seed0", "diagnosis/upright/seed0",
+                   "transfer/cifar10-rotation-pretrain/seed0"}
     for r in doc["runs"]:
+        if r["role"] == "transfer":
+            continue  # self-supervised: no class head, no accuracy
         final = json.loads((work / r["id"] / "final_metrics.json").read_text())
         assert r["test_top1"] == pytest.approx(final["eval/top1"], abs=1e-3)
         assert r["test_top5"] is None and "eval/top5" not in final  # 3 classes: top-3 only
@@ -150,12 +160,28 @@ def test_diagnoses_reuse_identical_runs_and_bn_recompute_is_recorded(tiny):
     assert bn["before/eval/top1"] == pytest.approx(runs[bn["run"]]["test_top1"], abs=1e-3)
 
 
+def test_transfer_probes_both_backbones_with_the_same_forwarded_images(tiny):
+    doc = tiny["doc"]
+    runs = {r["id"]: r for r in doc["runs"]}
+    backbone = runs[doc["selection"]["s4l-rotation"]["run"]]
+    base = runs["transfer/cifar10-rotation-pretrain/seed0"]
+    assert backbone["images_per_step"] == 2 * base["images_per_step"]
+    assert base["images"] == backbone["images"]
+    tr = doc["analyses"]["transfer"]
+    assert set(tr["results"]) == {"s4l-rotation", "rotation-only"}
+    for name, r in tr["results"].items():
+        assert r["val_rows"] == 16 and 0 <= r["sgd_short_top1"] <= 100, name
+        assert r["sgd_long_epochs"] > r["sgd_short_epochs"]
+    assert (tiny["tmp"] / "docs" / tr["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert "## Transfer" in (tiny["tmp"] / "docs" / "tiny.md").read_text()
+
+
 def test_rerun_trains_nothing_and_the_report_alone_keeps_the_study(tiny, capsys):
     from s4l.cli import main
 
     work = tiny["work"]
     ckpts = sorted(work.glob("**/checkpoint.pt"))
-    assert len(ckpts) == 7
+    assert len(ckpts) == 8
     before = _stamps(ckpts)
     assert main(tiny["argv"]) == 0
     assert _stamps(ckpts) == before

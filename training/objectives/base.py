@@ -22,7 +22,6 @@ from s4l.training.objectives.losses import (
     rotate_copies,
 )
 
-
 CLASS_ROTATIONS = ("all", "upright")
 
 
