@@ -49,11 +49,14 @@ HELP = "run a declarative study of training runs (sweep, seeds, diagnosis) and w
 log = logging.getLogger("s4l.study")
 ROOT = Path(__file__).resolve().parents[1]
 
-# Rough images/s per objective on 2 CPU cores before any run of the study has finished (dry-run
-# estimates only; measured rates replace them): supervised ~480, rotation family ~750 (larger
-# batches), exemplar ~600 (8 augmented copies per image).
-DEFAULT_RATE = {"supervised": 480.0, "s4l-rotation": 750.0, "rotation": 750.0,
-                "s4l-exemplar": 600.0, "exemplar": 600.0}
+# Forwarded images/s per objective before any run of the study has finished (dry-run estimates
+# only; rates measured on the study's finished runs replace them). Measured on the 2-core VM
+# (2026-12-02, width 0.25, 32 px, small-s2 stem, one BN batch, fp32) with
+# `benchmarks/train_throughput.py --size 32 --width 0.25 --batch 64 --stem small-s2
+# --channels-last --no-jpeg`: supervised 333, S4L-Rotation 401; exemplar is a guess (8 augmented
+# copies per image are made by the loader).
+DEFAULT_RATE = {"supervised": 330.0, "s4l-rotation": 400.0, "rotation": 400.0,
+                "s4l-exemplar": 300.0, "exemplar": 300.0}
 
 # The paper's Table 1 (ImageNet, ResNet50v2): top-5 at 10% / 1% labels, and the release's top-1
 # where it reports one (S4L_REFERENCE.md section 2).
@@ -763,7 +766,7 @@ def print_plan(planner: Planner, plan: list[Run], analyses: dict[str, Any]) -> N
     rate = rates(planner.ledger)
     print(f"study {planner.study.name}: {planner.counts['labelled']} labelled, "
           f"{planner.counts['train']} training, {planner.counts['heldout']} held-out images")
-    print(f"{'run':<52} {'status':<9} {'steps':>6} {'img/step':>8} {'images':>11} {'est.':>8}")
+    print(f"{'run':<52} {'steps':>6} {'img/step':>8} {'images':>11} {'est.':>8}  status")
     left = total = 0.0
     for r in plan:
         done = planner.result(r) is not None
@@ -776,8 +779,8 @@ def print_plan(planner: Planner, plan: list[Run], analyses: dict[str, Any]) -> N
         if not r.alias_of:
             total += sec
             left += 0 if done else sec
-        print(f"{r.id:<52} {status[:30]:<9} {r.budget['steps']:>6} "
-              f"{r.budget['images_per_step']:>8} {r.budget['images']:>11,} {sec / 60:>6.1f}m")
+        print(f"{r.id:<52} {r.budget['steps']:>6} {r.budget['images_per_step']:>8} "
+              f"{r.budget['images']:>11,} {sec / 60:>6.1f}m  {status}")
     for m, sel in planner.selection.items():
         if sel.get("pending"):
             print(f"{m}: selection pending (its sweep is unfinished); later runs are planned "
@@ -922,6 +925,36 @@ def _num(x: float | None, nd: int = 2) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+# The paper's orderings (Table 1, top-5): (better, worse, what the paper found).
+ORDERINGS = (
+    ("s4l-rotation", "supervised", "S4L-Rotation beats supervised: +3.39 (10%) / +4.94 (1%) top-5"),
+    ("s4l-exemplar", "supervised", "S4L-Exemplar beats supervised: +3.29 (10%) / -1.41 (1%) top-5"),
+    ("s4l-rotation", "s4l-exemplar", "S4L-Rotation vs S4L-Exemplar: +0.10 (10%) / +6.35 (1%) top-5"),
+)
+
+
+def orderings(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per paper ordering whose two methods have finished final runs: the difference
+    of mean test top-1 and whether it exceeds the seeds' spread."""
+    by = {r["method"]: r for r in rows if r["test_top1"]}
+    out = []
+    for a, b, paper in ORDERINGS:
+        if a not in by or b not in by:
+            continue
+        xa, xb = by[a]["test_top1"], by[b]["test_top1"]
+        d = statistics.fmean(xa) - statistics.fmean(xb)
+        spread = max([statistics.stdev(x) for x in (xa, xb) if len(x) > 1], default=None)
+        if spread is None:
+            verdict = "one seed each: no spread to judge it by"
+        elif abs(d) <= spread:
+            verdict = f"within the seeds' spread (largest std {spread:.2f})"
+        else:
+            verdict = ("holds" if d > 0 else "reversed") + f" (beyond the largest std, {spread:.2f})"
+        out.append(f"{by[a]['label']} minus {by[b]['label']}: **{d:+.2f}** points of test top-1 "
+                   f"({len(xa)} vs {len(xb)} seeds): {verdict}. Paper: {paper}.")
+    return out
+
+
 def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
     c = doc["counts"]
     out = [f"# {doc['title']}\n",
@@ -957,18 +990,10 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
         out.append(f"| {r['label']} | {len(r['seeds_done'])}/{r['seeds_planned']} | {sel} | "
                    f"{_ms(r['test_top1'])} | {_ms(r['test_top5'])} | {_ms(r['heldout_top1'])} | "
                    f"{_num(p.get('top5_1'))} / {_num(p.get('top5_10'))} | {_num(p.get('top1_10'))} |")
-    sup = next((r for r in doc["summary"] if r["method"] == "supervised"), None)
-    if sup and sup["test_top1"]:
-        out.append("")
-        for r in doc["summary"]:
-            if r is sup or not r["test_top1"]:
-                continue
-            d = statistics.fmean(r["test_top1"]) - statistics.fmean(sup["test_top1"])
-            paper = (r["paper"] or {}).get("top5_1"), (PAPER["supervised"]["top5_1"])
-            out.append(f"- {r['label']} minus supervised: {d:+.2f} points of test top-1 "
-                       f"({len(r['test_top1'])} vs {len(sup['test_top1'])} seeds)"
-                       + (f"; the paper's 1% column: {paper[0] - paper[1]:+.2f} top-5"
-                          if paper[0] else ""))
+    reading = orderings(doc["summary"])
+    if reading:
+        out.append("\n## Which of the paper's orderings hold here\n")
+        out.extend(f"- {line}" for line in reading)
     conv = doc.get("convergence")
     if conv:
         out.append("\n## Convergence\n")
