@@ -980,6 +980,10 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
                f"{doc['machine'].get('cores_logical', '?')} logical cores.\n")
     out.append(f"![every seed of every method]({png})\n")
     out.append("## Final runs (selected configs)\n")
+    if doc["sweep"]:
+        out.append("Seed 0 of each method is its sweep run at the selected point (in the JSON: "
+                   "`final: true, in_sweep: true`); seeds 1.. are new runs of that config. "
+                   "Mean ± standard deviation over seeds.\n")
     out.append("| method | seeds | selected | test top-1 | test top-5 | held-out top-1 | "
                "paper top-5 1% / 10% | release top-1 10% |")
     out.append("|---|---|---|---|---|---|---|---|")
