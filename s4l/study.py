@@ -198,9 +198,20 @@ def load_study(path: str | os.PathLike) -> Study:
     keys = [m.key for m in methods]
     if len(set(keys)) != len(keys):
         raise UserError(f"{path}: method keys repeat: {keys}")
+    by_key = {m.key: m for m in methods}
     for m in methods:
         if m.teacher and m.teacher not in keys:
             raise UserError(f"{path}: method {m.key!r} has teacher {m.teacher!r}, not a method")
+        seen, t = {m.key}, m.teacher
+        while t:
+            if t in seen:
+                raise UserError(f"{path}: method {m.key!r}: its teachers form a cycle ({t!r})")
+            seen.add(t)
+            t = by_key[t].teacher
+        if m.teacher and m.sweep and raw.get("sweep"):
+            # A swept student would need its teacher's selection before the teacher's own
+            # sweep is planned; the student takes the preset's hyper-parameters instead.
+            raise UserError(f"{path}: method {m.key!r} has a teacher: set sweep = false on it")
     sweep = _pairs(raw.get("sweep"), "sweep")
     for k, v in sweep:
         if k not in SWEEP_KEYS:
@@ -473,9 +484,13 @@ class Planner:
         first = dict(zip([k for k, _ in s.sweep], [v[0] for _, v in s.sweep]))
         for m in s.methods:
             if s.sweep and m.sweep:
+                if m.teacher:
+                    raise UserError(f"study {s.name}: method {m.key!r} has a teacher: it cannot "
+                                    "be swept (sweep = false)")
                 for hyper in self.grid():
+                    pairs, deps, kw, _ = self._inputs(m, 0)  # a stage only: no teacher + sweep
                     self.add(f"sweep/{m.key}/{self.tag(hyper)}/seed0", m, "sweep", 0,
-                             [*m.set, *hyper.items()], hyper)
+                             [*m.set, *hyper.items(), *pairs], hyper, deps=deps, **kw)
         for m in s.methods:
             sel = self.select(m)
             self.selection[m.key] = sel or {"hyper": first, "pending": True}
@@ -491,19 +506,21 @@ class Planner:
             sel = self.selection[m.key]
             factor = s.convergence.get("factor", 2)
             sched = {k: v * factor for k, v in s.schedule.items()}
+            pairs, deps, kw, waits = self._inputs(m, 0)
             self.add(f"convergence/{m.key}/x{factor:g}/seed0", m, "convergence", 0,
-                     [*m.set, *sel["hyper"].items()], sel["hyper"], schedule=sched,
-                     pending=sel.get("pending", False))
+                     [*m.set, *sel["hyper"].items(), *pairs], sel["hyper"], schedule=sched,
+                     pending=sel.get("pending", False) or waits, deps=deps, **kw)
         for d in s.diagnosis:
             m = s.method(d.method)
             src = self.selection[d.hyper_of or d.method]
             if d.kind == "bn-recompute":
                 continue  # an analysis of a final run (run after it), not a training run
             hyper = {**src["hyper"], **dict(d.set)}
+            pairs, deps, kw, waits = self._inputs(m, d.seed)
             self.add(f"diagnosis/{d.key}/seed{d.seed}", m, "diagnosis", d.seed,
-                     [*m.set, *src["hyper"].items(), *d.set], hyper, diagnosis=d.key,
-                     pending=src.get("pending", False) or
-                     self.selection[d.method].get("pending", False))
+                     [*m.set, *src["hyper"].items(), *d.set, *pairs], hyper, diagnosis=d.key,
+                     pending=src.get("pending", False) or waits or
+                     self.selection[d.method].get("pending", False), deps=deps, **kw)
         return list(self.runs.values())
 
     def final_id(self, m: Method, seed: int) -> str:
@@ -513,9 +530,18 @@ class Planner:
         return f"final/{m.key}/seed{seed}"
 
     def _final(self, m: Method, seed: int, hyper: dict[str, Any], pending: bool) -> Run:
-        rid = f"final/{m.key}/seed{seed}"
-        pairs: list[tuple[str, Any]] = [*m.set, *hyper.items()]
-        deps, kw = [], {}
+        pairs, deps, kw, waits = self._inputs(m, seed)
+        return self.add(f"final/{m.key}/seed{seed}", m, "final", seed,
+                        [*m.set, *hyper.items(), *pairs], hyper, deps=deps,
+                        pending=pending or waits, **kw)
+
+    def _inputs(self, m: Method, seed: int):
+        """What a run of `m` at `seed` starts from: (config pairs, dependency ids, Run fields,
+        pending): the pretraining stage's checkpoint and / or the teacher's pseudo-labels."""
+        pairs: list[tuple[str, Any]] = []
+        deps: list[str] = []
+        kw: dict[str, Any] = {}
+        pending = False
         if m.pretrain:
             # The stage is shared by every method with the same pretraining preset and seed. It
             # reads the label file too (its objective ignores the labels) so that its held-out
@@ -532,7 +558,7 @@ class Planner:
             tsel = self.selection[t.key]
             teacher = self.runs.get(tid) or self._final(t, seed, tsel["hyper"],
                                                         tsel.get("pending", False))
-            pending = pending or tsel.get("pending", False) or teacher.pending
+            pending = tsel.get("pending", False) or teacher.pending
             # The student trains on ALL images with the teacher's labels (no label file). The
             # file's name holds the teacher's hash: another teacher is another file (and another
             # student identity), never a stale file reused.
@@ -541,7 +567,7 @@ class Planner:
             pairs.append(("data.pseudo_labels", str(pl)))
             deps.append(teacher.id)
             kw = {"pseudo_labels": pl, "teacher_ckpt": owner.workdir / "checkpoint.pt"}
-        return self.add(rid, m, "final", seed, pairs, hyper, deps=deps, pending=pending, **kw)
+        return pairs, deps, kw, pending
 
 
 # ============================================================================ the ledger

@@ -205,6 +205,29 @@ def test_table1_plan_budget_matches_the_trainer(folder, tmp_path):
     assert student.deps == ["final/supervised/seed0"] and student.config.data.labels is None
 
 
+def test_swept_and_diagnosed_runs_of_a_staged_method_start_from_the_stage(folder, tmp_path):
+    """A sweep, a convergence run and a diagnosis of a method with a pretraining stage all start
+    from the stage; a student waits for its teacher's selection."""
+    methods = {m.key: m for m in TABLE1.methods}
+    study = dataclasses.replace(
+        TABLE1, data=str(folder), labels_per_class=4, heldout_per_class=1, label_file=None,
+        schedule={"images": 128}, sweep=(("optim.lr", (0.01, 0.1)),),
+        methods=(methods["supervised"], methods["rotation-linear"],
+                 dataclasses.replace(methods["pseudo-labels"], sweep=False)),
+        convergence={"method": "rotation-linear", "factor": 2},
+        diagnosis=(S.Diagnosis("d", "rotation-linear", "d", set=(("optim.momentum", 0.5),)),))
+    planner = S.Planner(study, str(folder), tmp_path / "w", {}, smoke=True)
+    plan = {r.id: r for r in planner.build()}
+    stage = "stage/cifar10-rotation-pretrain/seed0"
+    staged = [r for r in plan.values() if r.method == "rotation-linear"]
+    assert {r.role for r in staged} == {"sweep", "final", "convergence", "diagnosis"}
+    for r in staged:
+        assert r.deps == [stage], r.id
+        assert r.config.init.checkpoint == str(plan[stage].workdir / "checkpoint.pt")
+    student = plan["final/pseudo-labels/seed0"]
+    assert student.pending and student.deps == ["final/supervised/seed0"]  # sweep unfinished
+
+
 def test_the_table1_study_file_and_the_paper_numbers():
     from s4l.datasets import read_label_map
     from s4l.provenance import file_sha256

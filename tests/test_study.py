@@ -198,6 +198,9 @@ def test_a_changed_study_plans_new_runs_and_keeps_the_old_ones_as_stale(tiny, tm
     ('name = "x" data', "not valid TOML"),
     ('name = "x"\ndata = "builtin:digits"\nschedule = {labelled_epochs = 3}\n[[method]]\nkey="a"\n'
      'preset="cifar10-rotation-linear-10pct"\npretrain="cifar10-rotation-pretrain"\n', "stage_schedule"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[sweep]\n"optim.lr" = [0.1]\n'
+     '[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n[[method]]\nkey="b"\n'
+     'preset="cifar10-pseudo-label-10pct"\nteacher="a"\n', "sweep = false"),
 ])
 def test_bad_study_files_get_one_clear_line(tmp_path, text, message):
     path = tmp_path / "bad.toml"
