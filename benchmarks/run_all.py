@@ -58,7 +58,7 @@ class Known:
 KNOWN: dict[str, Known] = {
     "train_throughput": Known(
         quick=("--size", "64", "--width", "0.25", "--batch", "16", "--steps", "3", "--warmup", "1"),
-        # Without a GPU: the CPU table's network (experiments/table1_small.py), not width 1 at 224.
+        # Without a GPU: the CPU table's network (experiments/table1_small.toml), not width 1 at 224.
         full_cpu=("--size", "32", "--width", "0.25", "--batch", "64", "--stem", "small-s2",
                   "--channels-last", "--steps", "10", "--warmup", "2"),
         reference="the same run's supervised fp32 step on synthetic tensors: S4L-Rotation vs "

@@ -10,7 +10,7 @@ forward + backward + SGD update, objective from the OBJECTIVES table) at standar
 - bf16 autocast vs fp32 (same objective, same batch);
 - real JPEG loading (Imagenette from ../shared/data through `s4l.training.data`'s loaders,
   decode + inception crop + flip in worker processes) vs synthetic tensors;
-- at <= 64 px, the two settings experiments/table1_small.py changes to fit 2 CPU cores: the
+- at <= 64 px, the two settings experiments/table1_small.toml changes to fit 2 CPU cores: the
   stride-2 vs stride-1 small stem, and one BN batch per step vs the presets' per-device BN shards
   (`--bn-shards`, one forward pass each).
 
@@ -162,7 +162,7 @@ def main() -> int:
             runs[f"{name}/{prec}/synthetic"] = r
             log.info("%-13s %-4s synthetic: %8.1f source img/s, %8.1f forwarded img/s",
                      name, prec, r["source_images_per_s"], r["forwarded_images_per_s"])
-    # The two settings experiments/table1_small.py changes for CPU (supervised fp32, synthetic):
+    # The two settings experiments/table1_small.toml changes for CPU (supervised fp32, synthetic):
     # the stride-2 vs stride-1 small stem, and one BN batch vs the presets' per-device BN shards.
     extra = {}
     if a.size <= 64:

@@ -18,8 +18,18 @@ training runs, runs what is not finished, and writes `<report>.json`, `<report>.
 - `--dry-run` prints the plan, each run's forwarded images, its status and the estimated time
   left, at rates measured on this study's finished runs (defaults before any).
 
+- Two-stage rows: a method with `pretrain = "<preset>"` starts from the checkpoint of a stage run
+  (`stage/<preset>/seed<s>`, shared by every method with that stage and seed; sized by
+  `stage_schedule = {images = N}`, default the study's schedule, which must then be an images
+  budget); a method with `teacher = "<method>"` is a pseudo-label student: the teacher's run of
+  the same seed labels every training image (`s4l pseudo-label`) and the student trains on all of
+  them with no label file. A dependent run's record holds its dependencies' hashes (`deps`), so
+  a changed stage or teacher makes it a new run; a finished dependency whose checkpoint is not on
+  this machine (only the ledger is) is retrained before a run that needs it.
+
 Study file keys (all optional except `name`, `data`, `schedule` and `method`): see
-experiments/table1_protocol.toml, which documents each one.
+experiments/table1_protocol.toml, which documents each one, and experiments/table1_small.toml
+(pretraining stages and a pseudo-label teacher).
 """
 
 from __future__ import annotations
@@ -56,7 +66,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # --channels-last --no-jpeg`: supervised 333, S4L-Rotation 401; exemplar is a guess (8 augmented
 # copies per image are made by the loader).
 DEFAULT_RATE = {"supervised": 330.0, "s4l-rotation": 400.0, "rotation": 400.0,
-                "s4l-exemplar": 300.0, "exemplar": 300.0}
+                "s4l-exemplar": 300.0, "exemplar": 300.0, "fine-tune": 330.0,
+                "pseudo-label": 330.0, "vat": 140.0, "vat-entmin": 140.0, "linear": 500.0}
+# VAT: a power iteration and an adversarial pass per image (~0.4x); a linear head: no backward
+# through the backbone (~1.5x); fine-tune and pseudo-label students cost a supervised step.
 
 # The paper's Table 1 (ImageNet, ResNet50v2): top-5 at 10% / 1% labels, and the release's top-1
 # where it reports one (S4L_REFERENCE.md section 2).
@@ -123,6 +136,8 @@ class Study:
     notes: str = ""
     source_file: str = ""
     transfer: dict[str, Any] | None = None  # {backbone, baseline_preset, data, schedules}
+    stage_schedule: dict[str, Any] | None = None  # pretraining stages' {"images": N} (default:
+                                                  # the study's schedule)
 
     def method(self, key: str) -> Method:
         for m in self.methods:
@@ -155,7 +170,8 @@ def load_study(path: str | os.PathLike) -> Study:
         raise UserError(f"{path} is not valid TOML: {e}") from None
     known = {"name", "title", "data", "labels_per_class", "label_seed", "heldout_per_class",
              "schedule", "method", "sweep", "set", "convergence", "diagnosis", "report",
-             "label_file", "notes", "transfer"}
+             "label_file", "notes", "transfer",
+             "stage_schedule"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
@@ -169,6 +185,10 @@ def load_study(path: str | os.PathLike) -> Study:
                         f"got {sched!r}")
     if not next(iter(sched.values())) > 0:
         raise UserError(f"{path}: schedule must be > 0, got {sched!r}")
+    stage_sched = raw.get("stage_schedule")
+    if stage_sched is not None and (not isinstance(stage_sched, dict) or set(stage_sched) != {
+            "images"} or not stage_sched["images"] > 0):
+        raise UserError(f"{path}: stage_schedule must be {{images = N}}, N > 0, got {stage_sched!r}")
     methods = []
     for i, m in enumerate(raw["method"]):
         if not isinstance(m, dict) or "key" not in m or "preset" not in m:
@@ -184,9 +204,20 @@ def load_study(path: str | os.PathLike) -> Study:
     keys = [m.key for m in methods]
     if len(set(keys)) != len(keys):
         raise UserError(f"{path}: method keys repeat: {keys}")
+    by_key = {m.key: m for m in methods}
     for m in methods:
         if m.teacher and m.teacher not in keys:
             raise UserError(f"{path}: method {m.key!r} has teacher {m.teacher!r}, not a method")
+        seen, t = {m.key}, m.teacher
+        while t:
+            if t in seen:
+                raise UserError(f"{path}: method {m.key!r}: its teachers form a cycle ({t!r})")
+            seen.add(t)
+            t = by_key[t].teacher
+        if m.teacher and m.sweep and raw.get("sweep"):
+            # A swept student would need its teacher's selection before the teacher's own
+            # sweep is planned; the student takes the preset's hyper-parameters instead.
+            raise UserError(f"{path}: method {m.key!r} has a teacher: set sweep = false on it")
     sweep = _pairs(raw.get("sweep"), "sweep")
     for k, v in sweep:
         if k not in SWEEP_KEYS:
@@ -204,6 +235,10 @@ def load_study(path: str | os.PathLike) -> Study:
             raise UserError(f"{path}: diagnosis {d['key']!r} kind must be train or bn-recompute")
         diags.append(Diagnosis(**{**d, "set": _pairs(d.get("set"), f"diagnosis {d['key']}.set"),
                                   "label": d.get("label", d["key"])}))
+    # A pretraining stage reads no labels: only a budget of forwarded images can size it.
+    if any(m.pretrain for m in methods) and "images" not in (stage_sched or sched):
+        raise UserError(f"{path}: a pretraining stage has no labelled epochs; with schedule "
+                        f"{sched!r}, give the stages a budget: stage_schedule = {{images = N}}")
     conv = raw.get("convergence")
     if conv is not None and (conv.get("method") not in keys or not conv.get("factor", 2) > 1):
         raise UserError(f"{path}: convergence needs a study method and a factor > 1, got {conv}")
@@ -223,7 +258,8 @@ def load_study(path: str | os.PathLike) -> Study:
         report=raw.get("report", f"runs/{raw['name']}/report"),
         label_file=(str((path.parent / raw["label_file"]).resolve()) if raw.get("label_file")
                     else None),
-        notes=raw.get("notes", ""), source_file=str(path))
+        notes=raw.get("notes", ""), source_file=str(path),
+        stage_schedule=dict(stage_sched) if stage_sched else None)
     # Every override must be a config key with a valid value: check on one preset now.
     probe = get_preset(methods[0].preset).config
     for pairs in (study.common, *(m.set for m in methods), *(d.set for d in diags)):
@@ -250,6 +286,7 @@ class Run:
     diagnosis: str | None = None
     alias_of: str | None = None    # the same config as another run: its result is reused
     pending: bool = False          # depends on a selection not made yet (cost is an estimate)
+    dep_hashes: dict[str, str] = dataclasses.field(default_factory=dict)  # {dep id: its hash}
 
     @property
     def hash(self) -> str:
@@ -401,13 +438,20 @@ class Planner:
         cfg, budget = self.config(kw.pop("preset", method.preset), seed, pairs, schedule,
                                   labelled=labelled)
         run = Run(rid, method.key, role, seed, cfg, budget, hyper, self.work / rid, **kw)
+        # A dependency's checkpoint enters the config as a path: its identity is its hash.
+        run.dep_hashes = {d: self.owner(self.runs[d]).hash for d in run.deps}
         h = run.hash
         for other in self.runs.values():
-            if other.hash == h and other.alias_of is None:
+            if (other.hash == h and other.alias_of is None
+                    and sorted(other.dep_hashes.values()) == sorted(run.dep_hashes.values())):
                 run.alias_of = other.id
                 break
         self.runs[rid] = run
         return run
+
+    def owner(self, run: Run) -> Run:
+        """The run that trains: itself, or the run it is the same config as."""
+        return self.runs[run.alias_of] if run.alias_of else run
 
     def grid(self) -> list[dict[str, Any]]:
         keys = [k for k, _ in self.study.sweep]
@@ -419,8 +463,10 @@ class Planner:
                         else f"{SHORT.get(k, k.split('.')[-1])}{v}" for k, v in hyper.items()) or "preset"
 
     def result(self, run: Run) -> dict[str, Any] | None:
-        rec = self.ledger.get(run.alias_of or run.id)
-        if rec and rec.get("hash") == self.runs[run.alias_of or run.id].hash:
+        """The run's finished record, if its config and its dependencies' are today's."""
+        owner = self.owner(run)
+        rec = self.ledger.get(owner.id)
+        if rec and rec.get("hash") == owner.hash and rec.get("deps", {}) == owner.dep_hashes:
             return rec
         return None
 
@@ -452,9 +498,13 @@ class Planner:
         first = dict(zip([k for k, _ in s.sweep], [v[0] for _, v in s.sweep]))
         for m in s.methods:
             if s.sweep and m.sweep:
+                if m.teacher:
+                    raise UserError(f"study {s.name}: method {m.key!r} has a teacher: it cannot "
+                                    "be swept (sweep = false)")
                 for hyper in self.grid():
+                    pairs, deps, kw, _ = self._inputs(m, 0)  # a stage only: no teacher + sweep
                     self.add(f"sweep/{m.key}/{self.tag(hyper)}/seed0", m, "sweep", 0,
-                             [*m.set, *hyper.items()], hyper)
+                             [*m.set, *hyper.items(), *pairs], hyper, deps=deps, **kw)
         for m in s.methods:
             sel = self.select(m)
             self.selection[m.key] = sel or {"hyper": first, "pending": True}
@@ -470,9 +520,10 @@ class Planner:
             sel = self.selection[m.key]
             factor = s.convergence.get("factor", 2)
             sched = {k: v * factor for k, v in s.schedule.items()}
+            pairs, deps, kw, waits = self._inputs(m, 0)
             self.add(f"convergence/{m.key}/x{factor:g}/seed0", m, "convergence", 0,
-                     [*m.set, *sel["hyper"].items()], sel["hyper"], schedule=sched,
-                     pending=sel.get("pending", False))
+                     [*m.set, *sel["hyper"].items(), *pairs], sel["hyper"], schedule=sched,
+                     pending=sel.get("pending", False) or waits, deps=deps, **kw)
         if s.transfer:
             # The self-supervised baseline forwards as many images as the backbone's run.
             m = s.method(s.transfer["backbone"])
@@ -487,10 +538,11 @@ class Planner:
             if d.kind == "bn-recompute":
                 continue  # an analysis of a final run (run after it), not a training run
             hyper = {**src["hyper"], **dict(d.set)}
+            pairs, deps, kw, waits = self._inputs(m, d.seed)
             self.add(f"diagnosis/{d.key}/seed{d.seed}", m, "diagnosis", d.seed,
-                     [*m.set, *src["hyper"].items(), *d.set], hyper, diagnosis=d.key,
-                     pending=src.get("pending", False) or
-                     self.selection[d.method].get("pending", False))
+                     [*m.set, *src["hyper"].items(), *d.set, *pairs], hyper, diagnosis=d.key,
+                     pending=src.get("pending", False) or waits or
+                     self.selection[d.method].get("pending", False), deps=deps, **kw)
         return list(self.runs.values())
 
     def final_id(self, m: Method, seed: int) -> str:
@@ -500,24 +552,44 @@ class Planner:
         return f"final/{m.key}/seed{seed}"
 
     def _final(self, m: Method, seed: int, hyper: dict[str, Any], pending: bool) -> Run:
-        rid = f"final/{m.key}/seed{seed}"
-        pairs: list[tuple[str, Any]] = [*m.set, *hyper.items()]
-        deps, kw = [], {}
+        pairs, deps, kw, waits = self._inputs(m, seed)
+        return self.add(f"final/{m.key}/seed{seed}", m, "final", seed,
+                        [*m.set, *hyper.items(), *pairs], hyper, deps=deps,
+                        pending=pending or waits, **kw)
+
+    def _inputs(self, m: Method, seed: int):
+        """What a run of `m` at `seed` starts from: (config pairs, dependency ids, Run fields,
+        pending): the pretraining stage's checkpoint and / or the teacher's pseudo-labels."""
+        pairs: list[tuple[str, Any]] = []
+        deps: list[str] = []
+        kw: dict[str, Any] = {}
+        pending = False
         if m.pretrain:
+            # The stage is shared by every method with the same pretraining preset and seed. It
+            # reads the label file too (its objective ignores the labels) so that its held-out
+            # split is the same images as every other run's; an images schedule gives it the
+            # same budget as one run.
             stage = Method(m.pretrain, m.pretrain)
-            pre = self.add(f"stage/{m.pretrain}/seed{seed}", stage, "stage", seed, [], {})
+            pre = self.add(f"stage/{m.pretrain}/seed{seed}", stage, "stage", seed, [], {},
+                           schedule=self.study.stage_schedule)
             deps.append(pre.id)
-            pairs.append(("init.checkpoint", str(pre.workdir / "checkpoint.pt")))
+            pairs.append(("init.checkpoint", str(self.owner(pre).workdir / "checkpoint.pt")))
         if m.teacher:
             t = self.study.method(m.teacher)
             tid = self.final_id(t, seed)
-            teacher = self.runs.get(tid) or self._final(t, seed, self.selection[t.key]["hyper"],
-                                                        self.selection[t.key].get("pending", False))
-            pl = self.work / "pseudo_labels" / f"{m.teacher}-seed{seed}.json"
+            tsel = self.selection[t.key]
+            teacher = self.runs.get(tid) or self._final(t, seed, tsel["hyper"],
+                                                        tsel.get("pending", False))
+            pending = tsel.get("pending", False) or teacher.pending
+            # The student trains on ALL images with the teacher's labels (no label file). The
+            # file's name holds the teacher's hash: another teacher is another file (and another
+            # student identity), never a stale file reused.
+            owner = self.owner(teacher)
+            pl = self.work / "pseudo_labels" / f"{m.teacher}-seed{seed}-{owner.hash[:8]}.json"
             pairs.append(("data.pseudo_labels", str(pl)))
             deps.append(teacher.id)
-            kw = {"pseudo_labels": pl, "teacher_ckpt": teacher.workdir / "checkpoint.pt"}
-        return self.add(rid, m, "final", seed, pairs, hyper, deps=deps, pending=pending, **kw)
+            kw = {"pseudo_labels": pl, "teacher_ckpt": owner.workdir / "checkpoint.pt"}
+        return pairs, deps, kw, pending
 
 
 # ============================================================================ the ledger
@@ -541,18 +613,21 @@ def record_of(run: Run, metrics: dict[str, Any], wall_s: float | None) -> dict[s
         v = metrics.get(k)
         return None if v is None else round(float(v), 4)
 
-    return {"id": run.id, "method": run.method, "role": run.role, "seed": run.seed,
-            "status": "done", "hash": run.hash, "preset": run.config.preset,
-            "labelled_epochs": run.budget["labelled_epochs"], "steps": run.budget["steps"],
-            "images_per_step": run.budget["images_per_step"], "images": run.budget["images"],
-            "hyper": run.hyper, "diagnosis": run.diagnosis,
-            "heldout_top1": get("heldout/top1"), "heldout_top5": get("heldout/top5"),
-            "test_top1": get("eval/top1"), "test_top5": get("eval/top5"),
-            "test_top1_rotation_averaged": get("eval/top1_rotation_averaged"),
-            "wall_s": None if wall_s is None else round(wall_s, 1),
-            "loadavg_end": round(os.getloadavg()[0], 2),
-            "finished_at": _now(), "host": platform.node(),
-            "commit": git_commit(ROOT).get("commit")}
+    rec = {"id": run.id, "method": run.method, "role": run.role, "seed": run.seed,
+           "status": "done", "hash": run.hash, "preset": run.config.preset,
+           "labelled_epochs": run.budget["labelled_epochs"], "steps": run.budget["steps"],
+           "images_per_step": run.budget["images_per_step"], "images": run.budget["images"],
+           "hyper": run.hyper, "diagnosis": run.diagnosis,
+           "heldout_top1": get("heldout/top1"), "heldout_top5": get("heldout/top5"),
+           "test_top1": get("eval/top1"), "test_top5": get("eval/top5"),
+           "test_top1_rotation_averaged": get("eval/top1_rotation_averaged"),
+           "wall_s": None if wall_s is None else round(wall_s, 1),
+           "loadavg_end": round(os.getloadavg()[0], 2),
+           "finished_at": _now(), "host": platform.node(),
+           "commit": git_commit(ROOT).get("commit")}
+    if run.dep_hashes:  # the stage / teacher this run was made from (its identity, with `hash`)
+        rec["deps"] = dict(run.dep_hashes)
+    return rec
 
 
 def _now() -> str:
@@ -636,26 +711,77 @@ def bn_recompute(run: Run, batches: int = 40, batch_size: int = 250) -> dict[str
             **{f"after/{k}": round(after[k], 4) for k in keep if k in after}}
 
 
+def next_run(planner: Planner, plan: list[Run], only: Sequence[str], failed: dict[str, str],
+             retrain: set[str], retrained: set[str]) -> Run | None:
+    """The first run to train now, dependencies first: unfinished (or a finished dependency to
+    retrain), not pending, wanted (the methods in `only` and everything they depend on), every
+    dependency finished and the checkpoint it needs on this machine. A finished dependency whose
+    checkpoint is absent (a fresh machine with only the ledger) is retrained once, first."""
+    wanted: set[str] | None = None
+    if only:
+        wanted, stack = set(), [r.id for r in plan if r.method in only]
+        while stack:
+            rid = stack.pop()
+            if rid not in wanted:
+                wanted.add(rid)
+                stack.extend(planner.runs[rid].deps)
+    for r in plan:
+        if r.alias_of or r.pending or r.id in failed or (wanted is not None and r.id not in wanted):
+            continue
+        if planner.result(r) is not None and r.id not in retrain:
+            continue
+        blocked = [d for d in r.deps if d in failed or planner.owner(planner.runs[d]).id in failed]
+        if blocked:
+            failed[r.id] = f"skipped: needs {blocked}"
+            log.error("%s: %s", r.id, failed[r.id])
+            continue
+        needed = [Path(r.config.init.checkpoint)] if r.config.init.checkpoint else []
+        if r.pseudo_labels is not None and not r.pseudo_labels.exists():
+            needed.append(r.teacher_ckpt)
+        ready = True
+        for d in r.deps:
+            dep = planner.owner(planner.runs[d])
+            ckpt = dep.workdir / "checkpoint.pt"
+            if planner.result(dep) is None or dep.id in retrain:
+                ready = False  # it comes first in the plan (or is pending)
+            elif ckpt in needed and not ckpt.exists():
+                if dep.id in retrained:
+                    failed[r.id] = f"{dep.id} was retrained but {ckpt} is still absent"
+                    log.error("%s: %s", r.id, failed[r.id])
+                else:
+                    log.info("%s needs %s, finished elsewhere (in the ledger) but not on this "
+                             "machine: retraining it", r.id, ckpt)
+                    retrain.add(dep.id)
+                    retrained.add(dep.id)
+                    return dep
+                ready = False
+        if ready:
+            return r
+    return None
+
+
 def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
               overrides: Sequence[str] = (), only: Sequence[str] = (), dry_run: bool = False,
-              progress: bool = False, command: str = "") -> int:
+              progress: bool = False, command: str = "", rate: float | None = None) -> int:
     data = resolve_data("builtin:digits" if smoke and study.data == "cifar10" else study.data)
     ledger_path = report.with_suffix(".json")
     ledger, analyses = load_ledger(ledger_path)
     failed: dict[str, str] = {}
+    retrain: set[str] = set()      # finished dependencies whose checkpoint is not on this machine
+    retrained: set[str] = set()
+    if only and study.transfer and study.transfer["backbone"] in only:
+        only = [*only, "transfer-baseline"]  # the backbone's self-supervised comparison run
     started = time.time()
     while True:
         planner = Planner(study, data, workdir, ledger, smoke=smoke, overrides=overrides)
         plan = planner.build()
         if dry_run:
-            print_plan(planner, plan, analyses)
+            print_plan(planner, plan, analyses, rate)
             return 0
-        todo = [r for r in plan if planner.result(r) is None and r.alias_of is None
-                and r.id not in failed and not r.pending and (not only or r.method in only)
-                and not any(d in failed for d in r.deps)]
-        if not todo:
+        run = next_run(planner, plan, only, failed, retrain, retrained)
+        if run is None:
             break
-        run = todo[0]
+        retrain.discard(run.id)
         try:
             metrics, wall = execute(run, planner, progress)
             ledger[run.id] = record_of(run, metrics, wall)
@@ -745,8 +871,11 @@ def transfer_step(study: Study, planner: Planner, analyses: dict[str, Any], work
 # ============================================================================ plan and cost
 
 
-def rates(ledger: dict[str, dict]) -> dict[str, float]:
-    """Forwarded images/s per objective, from this study's finished runs (else the defaults)."""
+def rates(ledger: dict[str, dict], given: float | None = None) -> dict[str, float]:
+    """Forwarded images/s per objective, from this study's finished runs (else the defaults);
+    `given` is one rate for every objective instead."""
+    if given:
+        return dict.fromkeys({*DEFAULT_RATE, *OBJECTIVE_OF.values()}, float(given))
     acc: dict[str, list[float]] = {}
     for r in ledger.values():
         if r.get("wall_s"):
@@ -760,10 +889,11 @@ def rates(ledger: dict[str, dict]) -> dict[str, float]:
 OBJECTIVE_OF: dict[str, str] = {}
 
 
-def print_plan(planner: Planner, plan: list[Run], analyses: dict[str, Any]) -> None:
+def print_plan(planner: Planner, plan: list[Run], analyses: dict[str, Any],
+               given_rate: float | None = None) -> None:
     for r in plan:
         OBJECTIVE_OF[r.method] = r.config.objective.name
-    rate = rates(planner.ledger)
+    rate = rates(planner.ledger, given_rate)
     print(f"study {planner.study.name}: {planner.counts['labelled']} labelled, "
           f"{planner.counts['train']} training, {planner.counts['heldout']} held-out images")
     print(f"{'run':<52} {'steps':>6} {'img/step':>8} {'images':>11} {'est.':>8}  status")
@@ -808,15 +938,20 @@ def summary(planner: Planner, ledger: dict[str, dict]) -> list[dict[str, Any]]:
     out = []
     for m in planner.study.methods:
         ids = [planner.final_id(m, s) for s in range(m.seeds)]
-        recs = [ledger[i] for i in ids if i in ledger
-                and ledger[i]["hash"] == planner.runs[i].hash]
+        recs = [rec for i in ids if (rec := planner.result(planner.runs[i])) is not None]
         sel = planner.selection[m.key]
+        # Earlier stages (pretraining, the pseudo-label teacher): their own budget, per seed.
+        first = planner.runs[ids[0]]
         out.append({"method": m.key, "label": m.label, "seeds_planned": m.seeds,
                     "seeds_done": [r["seed"] for r in recs],
                     "selected": None if sel.get("pending") else sel["hyper"],
                     **{k: [r[k] for r in recs if r.get(k) is not None]
                        for k in ("test_top1", "test_top5", "heldout_top1",
                                  "test_top1_rotation_averaged")},
+                    "images_per_run": first.budget["images"],
+                    "earlier_stages": [d.rsplit("/", 1)[0] for d in first.deps],
+                    "earlier_stage_images": sum(planner.runs[d].budget["images"]
+                                                for d in first.deps),
                     "paper": PAPER.get(m.key)})
     return out
 
@@ -861,6 +996,7 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
         "study": study.name, "title": study.title, "study_file": study.source_file,
         "command": command, "updated_at": _now(), "data": study.data,
         "counts": planner.counts, "schedule": study.schedule,
+        "stage_schedule": study.stage_schedule,
         "label_file": str(planner.label_file) if planner.label_file else None,
         "label_file_sha256": file_sha256(planner.label_file) if planner.label_file else None,
         "common_overrides": dict(study.common), "sweep": {k: list(v) for k, v in study.sweep},
@@ -974,6 +1110,14 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
     if doc["sweep"]:
         out.append("- sweep (seed 0, each method the same grid): " + " x ".join(
             f"`{k}` in {v}" for k, v in doc["sweep"].items()))
+    staged = any(r.get("earlier_stages") for r in doc["summary"])
+    if staged:
+        stage = doc.get("stage_schedule") or doc["schedule"]
+        out.append("- earlier stages: a self-supervised pretraining stage (`stage/<preset>/seed<s>`, "
+                   f"{', '.join(f'{k} {v:,}' for k, v in stage.items())}, shared by the rows that "
+                   "start from it) or the pseudo-label teacher (the teacher method's run of the "
+                   "same seed) is a run of its own with its own budget, listed per row under "
+                   "'earlier stage'; making the pseudo-label file is not counted.")
     cost = doc["cost"]
     out.append(f"- cost so far: {cost['machine_hours']:.2f} h of wall time on the machine "
                f"({cost['cpu_hours']:.2f} CPU hours); machine: {doc['machine'].get('cpu', '?')}, "
@@ -985,15 +1129,36 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
                    "`final: true, in_sweep: true`); seeds 1.. are new runs of that config. "
                    "Mean ± standard deviation over seeds.\n")
     out.append("| method | seeds | selected | test top-1 | test top-5 | held-out top-1 | "
-               "paper top-5 1% / 10% | release top-1 10% |")
-    out.append("|---|---|---|---|---|---|---|---|")
+               "paper top-5 1% / 10% | release top-1 10% |" + (" images | earlier stage |"
+                                                               if staged else ""))
+    out.append("|---|---|---|---|---|---|---|---|" + ("---|---|" if staged else ""))
     for r in doc["summary"]:
         p = r["paper"] or {}
         sel = "pending" if r["selected"] is None else (Planner.tag(r["selected"]) if r["selected"]
                                                         else "preset")
+        extra = ""
+        if staged:
+            st = r.get("earlier_stages") or []
+            extra = (f" {r['images_per_run']:,} | " + (f"+{r['earlier_stage_images']:,} "
+                     f"({', '.join(st)})" if st else "-") + " |")
         out.append(f"| {r['label']} | {len(r['seeds_done'])}/{r['seeds_planned']} | {sel} | "
                    f"{_ms(r['test_top1'])} | {_ms(r['test_top5'])} | {_ms(r['heldout_top1'])} | "
-                   f"{_num(p.get('top5_1'))} / {_num(p.get('top5_10'))} | {_num(p.get('top1_10'))} |")
+                   f"{_num(p.get('top5_1'))} / {_num(p.get('top5_10'))} | {_num(p.get('top1_10'))} |"
+                   + extra)
+    sup = next((r for r in doc["summary"] if r["method"] == "supervised"), None)
+    # The paper's column nearest the study's label fraction (1% below 5% of the images, else 10%).
+    col = "1" if c["labelled"] < 0.05 * (c["train"] + c["heldout"]) else "10"
+    if sup and sup["test_top1"]:
+        out.append("")
+        for r in doc["summary"]:
+            if r is sup or not r["test_top1"]:
+                continue
+            d = statistics.fmean(r["test_top1"]) - statistics.fmean(sup["test_top1"])
+            paper = (r["paper"] or {}).get(f"top5_{col}"), PAPER["supervised"][f"top5_{col}"]
+            out.append(f"- {r['label']} minus supervised: {d:+.2f} points of test top-1 "
+                       f"({len(r['test_top1'])} vs {len(sup['test_top1'])} seeds)"
+                       + (f"; the paper's {col}% column: {paper[0] - paper[1]:+.2f} top-5"
+                          if paper[0] else ""))
     reading = orderings(doc["summary"])
     if reading:
         out.append("\n## Which of the paper's orderings hold here\n")
@@ -1082,7 +1247,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="where the runs live (default runs/<name>)")
     p.add_argument("--report", default=None,
                    help="report path without suffix (default: the study's `report`)")
-    p.add_argument("--only", default=None, help="comma-separated methods to run now")
+    p.add_argument("--only", default=None,
+                   help="comma-separated methods to run now (and the stages / teachers they need)")
     p.add_argument("--smoke", action="store_true",
                    help="the presets' -smoke variants (tiny nets; builtin:digits for cifar10): "
                         "the plumbing in seconds, not results")
@@ -1097,7 +1263,8 @@ def main(args: argparse.Namespace) -> int:
         key = next(iter(study.schedule))
         study = dataclasses.replace(study, schedule={key: 2 if key == "labelled_epochs" else 128},
                                     labels_per_class=min(study.labels_per_class or 5, 5),
-                                    heldout_per_class=min(study.heldout_per_class, 2))
+                                    heldout_per_class=min(study.heldout_per_class, 2),
+                                    stage_schedule=study.stage_schedule and {"images": 128})
     work = Path(args.workdir or (ROOT / "runs" / (study.name + ("-smoke" if args.smoke else ""))))
     report = Path(args.report) if args.report else (
         work / "report" if args.smoke else Path(study.report))

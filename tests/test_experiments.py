@@ -1,129 +1,195 @@
-"""The small-scale reproduction scripts (experiments/table1_small.py, val_study_small.py) end to end.
+"""The small-scale reproductions end to end: Table 1 as a study (experiments/table1_small.toml,
+`s4l study`) and experiments/val_study_small.py.
 
-Tiny configurations on a generated 3-class image folder: the presets' -smoke variants, a budget
-of a few dozen images per run, 1 seed. Checked: the results files hold the runs' own final
-metrics beside the paper's numbers, every run spends the same budget and the schedule arithmetic
-agrees with the trainer's, the label file is written once and reused, the pseudo-label row is
-taught by the supervised run, and a second invocation skips finished runs (resumability).
+Tiny configurations on a generated 3-class image folder: the presets' -smoke variants, the smoke
+budget of 128 forwarded images per run, 1 seed. Table 1 is a tiny study file with the structure
+of experiments/table1_small.toml (its `[set]` table and its rows' presets, pretraining stages and
+teacher) and three of its rows: supervised, pseudo-labels (taught by the supervised run) and
+rotation + linear (after a rotation pretraining stage). Checked: every record holds its run's own
+final metrics; every run spends the same budget and the schedule arithmetic agrees with the
+trainer's; the pseudo-label student is taught by the supervised run and trains on all images;
+the stage's checkpoint initialises the dependent run; a second invocation trains nothing; on a
+machine with only the ledger, a dependency whose checkpoint a run needs is retrained first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import make_image_folder
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+from s4l import study as S
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
-import table1_small as t1  # noqa: E402
 import val_study_small as vs  # noqa: E402
 
+TABLE1 = S.load_study(EXPERIMENTS / "table1_small.toml")
+ROWS = ("supervised", "pseudo-labels", "rotation-linear")
 
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    return make_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=12, size=32)
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "data", classes=("a", "b", "c"),
+                             per_class=12, size=32)
+
+
+def _value(v) -> str:
+    return '"null"' if v is None else json.dumps(v)
+
+
+def tiny_table1(data: Path, report: Path, rows=ROWS) -> str:
+    """experiments/table1_small.toml at toy size: its [set] (workers 0) and the given rows."""
+    sets = {**dict(TABLE1.common), "data.workers": 0}
+    text = ['name = "tiny_table1"', f'data = "{data}"', "labels_per_class = 4",
+            "heldout_per_class = 1", "schedule = { images = 128 }", f'report = "{report}"', "",
+            "[set]", *(f'"{k}" = {_value(v)}' for k, v in sets.items())]
+    for m in TABLE1.methods:
+        if m.key in rows:
+            text += ["", "[[method]]", f'key = "{m.key}"', f'label = "{m.label}"',
+                     f'preset = "{m.preset}"']
+            text += [f'{k} = "{getattr(m, k)}"' for k in ("pretrain", "teacher") if getattr(m, k)]
+    return "\n".join(text) + "\n"
 
 
 def _stamps(paths):
     return {str(p): p.stat().st_mtime_ns for p in paths}
 
 
-def test_table1_tiny_end_to_end_and_resume(folder, tmp_path, caplog):
-    from s4l.datasets import read_label_map
+@pytest.fixture(scope="module")
+def table1(folder, tmp_path_factory):
+    from s4l.cli import main
 
-    work = tmp_path / "t1"
-    argv = ["--smoke", "--data", str(folder), "--workdir", str(work), "--labels-per-class", "4",
-            "--val-per-class", "1", "--seeds", "0", "--only", "supervised,pseudo-labels",
-            "--budget-scale", "0.5", "--set", "data.workers=0", "--no-progress"]
-    assert t1.main(argv) == 0
-    res = json.loads((work / "results.json").read_text())
-    assert [r["row"] for r in res["rows"]] == ["supervised", "pseudo-labels"]
-    assert (work / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "![our rows beside the paper's](results.png)" in (work / "results.md").read_text()
-    label_file = work / "label_map_12labels_seed0.json"
-    assert len(read_label_map(label_file)) == 12  # 4 per class x 3 classes
-    assert res["regimes"][0]["label_file"] == str(label_file)
-    runs = {r["id"]: r for r in res["runs"]}
-    assert set(runs) == {"12labels/supervised/seed0", "12labels/pseudo-labels/seed0"}
-    for rid, rec in runs.items():
-        assert rec["status"] == "done" and rec["wall_s"] > 0
-        final = json.loads((Path(rec["workdir"]) / "final_metrics.json").read_text())
-        # The table reports each run's own final test metrics (nothing hard-coded).
-        assert rec["metrics"]["top1"] == final["eval/top1"]
-        assert rec["metrics"]["top5"] == final["eval/top3"] and rec["top_k"] == 3  # 3 classes
-        assert rec["metrics"]["heldout_top1"] == final["heldout/top1"]
-        assert final["step"] == rec["budget"]["steps"]
-        assert rec["budget"]["images"] == rec["budget"]["steps"] * rec["budget"]["images_per_step"]
-        assert res["budget"]["images_per_run"] - rec["budget"]["images_per_step"] < \
-            rec["budget"]["images"] <= res["budget"]["images_per_run"]
-        # Every labelled run reads the saved label file.
-        cfg = json.loads((Path(rec["workdir"]) / "config.json").read_text())
-        if rid.endswith("supervised/seed0"):
-            assert cfg["data"]["labels"] == str(label_file)
-        else:
-            assert cfg["data"]["labels"] is None and cfg["data"]["pseudo_labels"]
-            pl = json.loads(Path(cfg["data"]["pseudo_labels"]).read_text())
-            assert pl["provenance"]["teacher_checkpoint"].endswith("supervised/seed0/checkpoint.pt")
-    sup = res["rows"][0]
-    assert sup["summary"]["top1"]["mean"] == runs["12labels/supervised/seed0"]["metrics"]["top1"]
-    assert sup["paper"]["top5"] == 80.43 and sup["seeds_done"] == [0]
-    md = (work / "results.md").read_text()
-    assert "| Supervised baseline | 80.43 | 56.36 |" in md and "Pseudo-labels" in md
-    assert res["machine"]["cores_logical"] >= 1 and "commit" in res["git"]
+    tmp = tmp_path_factory.mktemp("t1")
+    path, work, report = tmp / "tiny.toml", tmp / "work", tmp / "docs" / "tiny"
+    path.write_text(tiny_table1(folder, report))
+    argv = ["study", str(path), "--smoke", "--workdir", str(work), "--report", str(report)]
+    assert main(argv) == 0
+    return {"argv": argv, "work": work, "report": report,
+            "doc": json.loads(report.with_suffix(".json").read_text())}
 
-    # Second invocation: the finished runs are skipped, nothing is retrained or relabelled.
-    files = [Path(r["workdir"]) / n for r in runs.values()
-             for n in ("checkpoint.pt", "final_metrics.json")] + [label_file]
+
+def test_table1_records_hold_each_runs_own_metrics_and_the_budget(table1):
+    doc, work = table1["doc"], table1["work"]
+    runs = {r["id"]: r for r in doc["runs"]}
+    assert set(runs) == {"final/supervised/seed0", "final/pseudo-labels/seed0",
+                         "stage/cifar10-rotation-pretrain/seed0", "final/rotation-linear/seed0"}
+    budget = doc["schedule"]["images"]
+    assert budget == 128  # --smoke
+    for rid, r in runs.items():
+        final = json.loads((work / rid / "final_metrics.json").read_text())
+        assert final["step"] == r["steps"]
+        assert r["images"] == r["steps"] * r["images_per_step"]
+        assert budget - r["images_per_step"] < r["images"] <= budget, rid
+        if r["role"] == "stage":
+            continue
+        assert r["test_top1"] == pytest.approx(final["eval/top1"], abs=1e-4)  # 4 decimals
+        assert r["test_top5"] is None and "eval/top3" in final  # 3 classes: top-3 only
+        assert r["heldout_top1"] == pytest.approx(final["heldout/top1"], abs=1e-4)
+    rows = {s["method"]: s for s in doc["summary"]}
+    assert list(rows) == list(ROWS)
+    assert rows["supervised"]["test_top1"] == [runs["final/supervised/seed0"]["test_top1"]]
+    assert rows["supervised"]["paper"]["top5_10"] == 80.43
+    assert rows["rotation-linear"]["earlier_stages"] == ["stage/cifar10-rotation-pretrain"]
+    assert rows["rotation-linear"]["earlier_stage_images"] == \
+        runs["stage/cifar10-rotation-pretrain/seed0"]["images"]
+    md = table1["report"].with_suffix(".md").read_text()
+    assert "| Supervised baseline | 1/1 | preset |" in md and "earlier stage" in md
+    assert table1["report"].with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table1_student_is_taught_by_the_supervised_run_and_stage_initialises(table1):
+    from s4l.provenance import file_sha256
+    from s4l.training.checkpoint import read_checkpoint
+
+    doc, work = table1["doc"], table1["work"]
+    runs = {r["id"]: r for r in doc["runs"]}
+    teacher = (work / "final" / "supervised" / "seed0" / "checkpoint.pt").resolve()
+    cfg = json.loads((work / "final/pseudo-labels/seed0/config.json").read_text())["data"]
+    assert cfg["labels"] is None and cfg["labels_per_class"] is None  # all images, no label file
+    prov = json.loads(Path(cfg["pseudo_labels"]).read_text())["provenance"]
+    assert prov["teacher_checkpoint"] == str(teacher)
+    assert prov["teacher_sha256"] == file_sha256(teacher)
+    assert runs["final/pseudo-labels/seed0"]["deps"] == {
+        "final/supervised/seed0": runs["final/supervised/seed0"]["hash"]}
+    # Ground truth where labelled: the study's label file, the one the teacher trained on.
+    assert prov["label_file_sha256"] == doc["label_file_sha256"]
+    sup = json.loads((work / "final/supervised/seed0/config.json").read_text())["data"]
+    assert sup["labels"] == doc["label_file"]
+
+    stage = (work / "stage" / "cifar10-rotation-pretrain" / "seed0" / "checkpoint.pt").resolve()
+    lin = json.loads((work / "final/rotation-linear/seed0/config.json").read_text())
+    assert Path(lin["init"]["checkpoint"]).resolve() == stage
+    init = read_checkpoint(work / "final/rotation-linear/seed0/checkpoint.pt")["provenance"]["init"]
+    assert init["checkpoint"] == str(stage) and init["sha256"] == file_sha256(stage)
+    # The stage reads the label file too, so its held-out split is every other run's.
+    scfg = json.loads((work / "stage/cifar10-rotation-pretrain/seed0/config.json").read_text())
+    assert scfg["data"]["labels"] == doc["label_file"]
+
+
+def test_table1_rerun_trains_nothing_and_a_missing_stage_is_retrained(table1, capsys):
+    from s4l.cli import main
+
+    work, report = table1["work"], table1["report"]
+    files = sorted(work.glob("**/checkpoint.pt")) + sorted(work.glob("pseudo_labels/*.json"))
+    assert len(files) == 5
     before = _stamps(files)
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="table1_small"):
-        assert t1.main(argv) == 0
+    assert main(table1["argv"]) == 0
     assert _stamps(files) == before
-    assert sum("finished, skipped" in m for m in caplog.messages) == 2
-    again = json.loads((work / "results.json").read_text())
-    assert [r["sessions"] for r in again["runs"]] == [1, 1]
+    # A fresh machine with only the ledger: nothing is retrained while nothing needs it.
+    shutil.rmtree(work)
+    capsys.readouterr()
+    assert main([*table1["argv"], "--dry-run"]) == 0
+    assert "todo" not in capsys.readouterr().out
+    assert main(table1["argv"]) == 0
+    assert not list(work.glob("**/checkpoint.pt"))
+    # Drop rotation-linear's record: it needs the stage's checkpoint, absent here, so the stage
+    # is retrained first (--only names the row; its stage comes with it); nothing else runs.
+    doc = json.loads(report.with_suffix(".json").read_text())
+    doc["runs"] = [r for r in doc["runs"] if r["id"] != "final/rotation-linear/seed0"]
+    report.with_suffix(".json").write_text(json.dumps(doc))
+    assert main([*table1["argv"], "--only", "rotation-linear"]) == 0
+    trained = sorted(str(p.relative_to(work)) for p in work.glob("**/checkpoint.pt"))
+    assert trained == ["final/rotation-linear/seed0/checkpoint.pt",
+                       "stage/cifar10-rotation-pretrain/seed0/checkpoint.pt"]
+    again = {r["id"]: r for r in json.loads(report.with_suffix(".json").read_text())["runs"]}
+    assert set(again) == {r["id"] for r in table1["doc"]["runs"]}
 
-    # A finished run of another configuration is not passed off as this one's.
-    assert t1.main([*argv, "--set", "optim.momentum=0.5"]) == 1
-    stale = json.loads((work / "results.json").read_text())
-    assert {r["status"] for r in stale["runs"]} == {"stale"}
 
-
-def test_plan_budget_matches_the_trainer(folder, tmp_path):
-    """Same budget for every row, and the steps the script plans are the steps the trainer runs."""
-    from s4l.datasets import open_source
+def test_table1_plan_budget_matches_the_trainer(folder, tmp_path):
+    """Every row of the real study, planned at toy size: the same budget for every run, and the
+    steps the study plans are the steps the trainer runs."""
     from s4l.training.objectives import build_objective
     from s4l.training.trainer import make_plan
 
-    args = t1.parse_args(["--smoke", "--data", str(folder), "--workdir", str(tmp_path / "w"),
-                          "--labels-per-class", "4", "--val-per-class", "1", "--seeds", "0,1",
-                          "--budget-scale", "3", "--low-label-regime", "3"])
-    source = open_source(str(folder), "train")
-    regimes = [t1.Regime(4, "10pct"), t1.Regime(3, "1pct")]
-    budget = 3 * t1.SMOKE_BUDGET
-    plan = t1.build_plan(args, str(folder), source, regimes, tmp_path / "w", budget)
-    rows = {(r.regime, r.row) for r in plan if r.row}
-    assert rows == {(reg, k) for reg in ("12labels", "9labels") for k in t1.ROW_KEYS}
-    seeds = {r.row: sorted(x.seed for x in plan if x.row == r.row and x.regime == "12labels")
-             for r in plan if r.row}
-    assert seeds["supervised"] == seeds["s4l-rotation"] == [0, 1]
-    assert seeds["vat"] == [0]
-    assert seeds["pseudo-labels"] == [0]
-    counts = t1.count_images(source, tmp_path / "w" / "label_map_12labels_seed0.json", 1)
+    budget = 384
+    study = dataclasses.replace(TABLE1, data=str(folder), labels_per_class=4, heldout_per_class=1,
+                                label_file=None, schedule={"images": budget})
+    planner = S.Planner(study, str(folder), tmp_path / "w", {}, smoke=True)
+    plan = planner.build()
+    seeds = {m.key: sorted(r.seed for r in plan if r.method == m.key) for m in TABLE1.methods}
+    assert seeds == {m.key: list(range(m.seeds)) for m in TABLE1.methods}
+    assert seeds["supervised"] == seeds["s4l-rotation"] == [0, 1, 2] and seeds["vat"] == [0]
+    assert sorted(r.id for r in plan if r.role == "stage") == [
+        "stage/cifar10-exemplar-pretrain/seed0", "stage/cifar10-rotation-pretrain/seed0"]
+    counts = planner.counts
+    assert counts == {"labelled": 12, "train": 33, "heldout": 3, "classes": 3}
+    ids = [r.id for r in plan]
     for run in plan:
         b = run.budget
         assert budget - b["images_per_step"] < b["images"] <= budget, run.id
         assert run.config.optim.total_steps == b["steps"]
         obj = build_objective(run.config.objective.name,
                               run.config.objective.objective_config(), 3)
-        n_lab = counts.train if run.config.data.pseudo_labels else (
-            4 * 3 if run.regime == "12labels" else 3 * 3)
-        p = make_plan(run.config, obj, n_lab, counts.train, 1)
+        n_lab = counts["train"] if run.config.data.pseudo_labels else counts["labelled"]
+        p = make_plan(run.config, obj, n_lab, counts["train"], 1)
         assert p.total_steps == b["steps"], run.id
         # The schedule (in the trainer's epochs) ends exactly at the last step, so every LR decay
         # of the preset happens within the budget.
@@ -131,22 +197,58 @@ def test_plan_budget_matches_the_trainer(folder, tmp_path):
         assert round(run.config.optim.total_epochs * p.steps_per_epoch) == b["steps"], run.id
         assert max(run.config.optim.decay_epochs) < run.config.optim.total_epochs
         assert p.eval_every >= p.total_steps  # the test split is evaluated only at the end
-        # Dependencies come first in the plan.
-        ids = [r.id for r in plan]
-        assert all(ids.index(d) < ids.index(run.id) for d in run.deps)
-    # The S4L-Rotation row counts its 4 rotated copies of both streams.
-    s4l = next(r for r in plan if r.row == "s4l-rotation")
+        assert all(ids.index(d) < ids.index(run.id) for d in run.deps)  # dependencies first
+    s4l = next(r for r in plan if r.method == "s4l-rotation")
     assert s4l.budget["images_per_step"] == 4 * (s4l.budget["labelled_batch"] +
                                                  s4l.budget["unlabelled_batch"])
+    student = planner.runs["final/pseudo-labels/seed0"]
+    assert student.deps == ["final/supervised/seed0"] and student.config.data.labels is None
 
 
-def test_paper_numbers_match_the_presets():
-    from s4l.training.presets import ROWS
+def test_swept_and_diagnosed_runs_of_a_staged_method_start_from_the_stage(folder, tmp_path):
+    """A sweep, a convergence run and a diagnosis of a method with a pretraining stage all start
+    from the stage; a student waits for its teacher's selection."""
+    methods = {m.key: m for m in TABLE1.methods}
+    study = dataclasses.replace(
+        TABLE1, data=str(folder), labels_per_class=4, heldout_per_class=1, label_file=None,
+        schedule={"images": 128}, sweep=(("optim.lr", (0.01, 0.1)),),
+        methods=(methods["supervised"], methods["rotation-linear"],
+                 dataclasses.replace(methods["pseudo-labels"], sweep=False)),
+        convergence={"method": "rotation-linear", "factor": 2},
+        diagnosis=(S.Diagnosis("d", "rotation-linear", "d", set=(("optim.momentum", 0.5),)),))
+    planner = S.Planner(study, str(folder), tmp_path / "w", {}, smoke=True)
+    plan = {r.id: r for r in planner.build()}
+    stage = "stage/cifar10-rotation-pretrain/seed0"
+    staged = [r for r in plan.values() if r.method == "rotation-linear"]
+    assert {r.role for r in staged} == {"sweep", "final", "convergence", "diagnosis"}
+    for r in staged:
+        assert r.deps == [stage], r.id
+        assert r.config.init.checkpoint == str(plan[stage].workdir / "checkpoint.pt")
+    student = plan["final/pseudo-labels/seed0"]
+    assert student.pending and student.deps == ["final/supervised/seed0"]  # sweep unfinished
 
-    number = {r.name: r.number for r in ROWS}
-    for spec in t1.ROWS:
+
+def test_the_table1_study_file_and_the_paper_numbers():
+    from s4l.datasets import read_label_map
+    from s4l.provenance import file_sha256
+    from s4l.training.presets import ROWS as PRESET_ROWS
+
+    assert [m.key for m in TABLE1.methods] == list(S.PAPER)
+    assert TABLE1.schedule == {"images": 100000} and not TABLE1.sweep
+    assert TABLE1.heldout_per_class == 10 and TABLE1.labels_per_class == 400
+    assert dict(TABLE1.common) == {"model.stem": "small-s2", "bn.ghost_batch": None,
+                                   "channels_last": True, "data.workers": 1}
+    # The label file is the draw the old script made (its results name this sha256).
+    assert file_sha256(TABLE1.label_file).startswith("ee673acdd1fe")
+    names = read_label_map(TABLE1.label_file)
+    assert len(names) == 4000 and {sum(n.startswith(c + "/") for n in names)
+                                   for c in {n.split("/")[0] for n in names}} == {400}
+    number = {r.name: r.number for r in PRESET_ROWS}
+    for m in TABLE1.methods:
+        row = m.preset.removeprefix("cifar10-")
         for col in ("10", "1"):
-            assert number[f"{spec.preset}-{col}pct"] == f"top-5 {t1.PAPER[spec.key][f'top5_{col}']:.2f}"
+            assert number[row.replace("10pct", f"{col}pct")] == \
+                f"top-5 {S.PAPER[m.key][f'top5_{col}']:.2f}"
 
 
 def test_val_study_tiny_end_to_end_and_resume(folder, tmp_path):
@@ -171,6 +273,7 @@ def test_val_study_tiny_end_to_end_and_resume(folder, tmp_path):
         assert r["status"] == "done"
         final = json.loads((Path(r["workdir"]) / "final_metrics.json").read_text())
         assert final["heldout/n"] == 9
+        assert r["budget"]["images"] <= 64  # 128 x --budget-scale 0.5
         d = json.loads((Path(r["workdir"]) / "config.json").read_text())["data"]
         sub = training_subsets(source, label_map=d["labels"], label_seed=d["label_seed"],
                                val_per_class=d["val_per_class"])

@@ -107,9 +107,9 @@ def test_every_run_records_its_own_metrics_and_the_fields_the_report_needs(tiny)
         if r["role"] == "transfer":
             continue  # self-supervised: no class head, no accuracy
         final = json.loads((work / r["id"] / "final_metrics.json").read_text())
-        assert r["test_top1"] == pytest.approx(final["eval/top1"], abs=1e-3)
+        assert r["test_top1"] == pytest.approx(final["eval/top1"], abs=1e-4)  # 4 decimals
         assert r["test_top5"] is None and "eval/top5" not in final  # 3 classes: top-3 only
-        assert r["heldout_top1"] == pytest.approx(final["heldout/top1"], abs=1e-3)
+        assert r["heldout_top1"] == pytest.approx(final["heldout/top1"], abs=1e-4)
         assert final["heldout/n"] == 6  # 2 per class, the same images for every run
         assert final["step"] == r["steps"]
         for key in ("method", "seed", "labelled_epochs", "final", "selected_on", "hyper"):
@@ -222,6 +222,11 @@ def test_a_changed_config_does_not_pass_old_runs_off_as_its_own(tiny, tmp_path, 
     ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[[method]]\nkey="a"\n'
      'preset="no-such-preset"\n', "no-such-preset"),
     ('name = "x" data', "not valid TOML"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {labelled_epochs = 3}\n[[method]]\nkey="a"\n'
+     'preset="cifar10-rotation-linear-10pct"\npretrain="cifar10-rotation-pretrain"\n', "stage_schedule"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[sweep]\n"optim.lr" = [0.1]\n'
+     '[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n[[method]]\nkey="b"\n'
+     'preset="cifar10-pseudo-label-10pct"\nteacher="a"\n', "sweep = false"),
 ])
 def test_bad_study_files_get_one_clear_line(tmp_path, text, message):
     path = tmp_path / "bad.toml"
