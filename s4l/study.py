@@ -762,7 +762,8 @@ def next_run(planner: Planner, plan: list[Run], only: Sequence[str], failed: dic
 
 def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
               overrides: Sequence[str] = (), only: Sequence[str] = (), dry_run: bool = False,
-              progress: bool = False, command: str = "", rate: float | None = None) -> int:
+              progress: bool = False, command: str = "", rate: float | None = None,
+              report_only: bool = False) -> int:
     data = resolve_data("builtin:digits" if smoke and study.data == "cifar10" else study.data)
     ledger_path = report.with_suffix(".json")
     ledger, analyses = load_ledger(ledger_path)
@@ -777,6 +778,11 @@ def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
         plan = planner.build()
         if dry_run:
             print_plan(planner, plan, analyses, rate)
+            return 0
+        if report_only:  # rewrite the page from the ledger; the command that ran stays named
+            if ledger_path.exists():
+                command = json.loads(ledger_path.read_text()).get("command") or command
+            write_report(study, planner, ledger, analyses, report, command, failed, 0.0)
             return 0
         run = next_run(planner, plan, only, failed, retrain, retrained)
         if run is None:
@@ -938,8 +944,10 @@ def summary(planner: Planner, ledger: dict[str, dict]) -> list[dict[str, Any]]:
     out = []
     for m in planner.study.methods:
         ids = [planner.final_id(m, s) for s in range(m.seeds)]
-        recs = [rec for i in ids if (rec := planner.result(planner.runs[i])) is not None]
         sel = planner.selection[m.key]
+        # While a sweep is unfinished no run is final yet (seed 0 is not chosen).
+        recs = [] if sel.get("pending") else [
+            rec for i in ids if (rec := planner.result(planner.runs[i])) is not None]
         # Earlier stages (pretraining, the pseudo-label teacher): their own budget, per seed.
         first = planner.runs[ids[0]]
         out.append({"method": m.key, "label": m.label, "seeds_planned": m.seeds,
@@ -979,6 +987,8 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
         base, long = (planner.result(planner.runs[planner.final_id(m, 0)])
                       if planner.final_id(m, 0) in planner.runs else None,
                       planner.result(planner.runs[f"convergence/{m.key}/x{f:g}/seed0"]))
+        if planner.selection[m.key].get("pending"):
+            base = long = None  # no config is selected yet
         conv = {"method": m.key, "factor": f,
                 "labelled_epochs": [base and base["labelled_epochs"], long and long["labelled_epochs"]],
                 "test_top1": [base and base["test_top1"], long and long["test_top1"]],
@@ -1177,10 +1187,12 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
         out.append("| method | config | held-out top-1 | test top-1 (not used to select) | selected |")
         out.append("|---|---|---|---|---|")
         for m, sel in doc["selection"].items():
-            for cand in sel.get("candidates", []):
-                rec = next((r for r in doc["runs"] if r["id"] == cand["run"]), {})
-                out.append(f"| {m} | {Planner.tag(cand['hyper'])} | {_num(cand['heldout_top1'])} | "
-                           f"{_num(rec.get('test_top1'))} | {'yes' if cand['run'] == sel.get('run') else ''} |")
+            for rec in (r for r in doc["runs"] if r["method"] == m and r["role"] == "sweep"
+                        and not r.get("stale")):
+                mark = "yes" if rec["id"] == sel.get("run") else (
+                    "(sweep unfinished)" if sel.get("pending") else "")
+                out.append(f"| {m} | {Planner.tag(rec['hyper'])} | {_num(rec['heldout_top1'])} | "
+                           f"{_num(rec.get('test_top1'))} | {mark} |")
     if doc["diagnosis"] or doc["analyses"]:
         out.append("\n## Diagnosis\n")
         out.append("| step | run | test top-1 | test top-5 | held-out top-1 |")
@@ -1244,6 +1256,8 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="the study file (TOML), e.g. experiments/table1_protocol.toml")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its cost, run nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report (JSON, page, plot) from the recorded runs, train nothing")
     p.add_argument("--workdir", default=None, help="where the runs live (default runs/<name>)")
     p.add_argument("--report", default=None,
                    help="report path without suffix (default: the study's `report`)")
@@ -1277,5 +1291,6 @@ def main(args: argparse.Namespace) -> int:
         if sys.argv[1:2] == ["study"] else ""
     return run_study(study, workdir=work, report=report, smoke=args.smoke,
                      overrides=args.overrides, only=only, dry_run=args.dry_run,
+                     report_only=args.report_only,
                      progress=args.progress, command=command)
 

@@ -193,6 +193,14 @@ def test_rerun_trains_nothing_and_the_report_alone_keeps_the_study(tiny, capsys)
     assert "0.00 h left" in out and "todo" not in out
     assert main(tiny["argv"]) == 0
     assert not list(work.glob("**/checkpoint.pt"))
+    # --report-only rebuilds the page from the ledger alone.
+    md = tiny["tmp"] / "docs" / "tiny.md"
+    text = md.read_text()
+    md.unlink()
+    assert main([*tiny["argv"], "--report-only"]) == 0
+    assert md.read_text().split("updated")[1].split("\n", 1)[1] == \
+        text.split("updated")[1].split("\n", 1)[1]
+    assert not list(work.glob("**/checkpoint.pt"))
     again = json.loads((tiny["tmp"] / "docs" / "tiny.json").read_text())
     assert {r["id"] for r in again["runs"]} == {r["id"] for r in tiny["doc"]["runs"]}
 
