@@ -1028,14 +1028,16 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
+    """Left: the final runs' test top-1, every seed a dot, the mean a bar. Right (studies with a
+    sweep): every finished sweep point's held-out top-1 (what selects) and test top-1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = doc["summary"]
-    sweep_methods = [m for m in doc["selection"] if doc["selection"][m].get("candidates")]
-    fig, axes = plt.subplots(1, 2 if sweep_methods else 1, figsize=(12 if sweep_methods else 7, 4.5),
+    sweep = [r for r in doc["runs"] if r["role"] == "sweep" and not r.get("stale")]
+    fig, axes = plt.subplots(1, 2 if doc["sweep"] else 1, figsize=(13 if doc["sweep"] else 7, 4.8),
                              squeeze=False)
     ax = axes[0][0]
     for i, row in enumerate(rows):
@@ -1044,24 +1046,37 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         if ys:
             ax.hlines(statistics.fmean(ys), i - 0.25, i + 0.25, color="k", zorder=2,
                       label="mean" if i == 0 else None)
+    if not any(r["test_top1"] for r in rows):
+        ax.text(0.5, 0.5, "no final runs yet", transform=ax.transAxes, ha="center", color="0.4")
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=20, ha="right")
-    ax.set_ylabel("CIFAR-10 test top-1 (%)")
-    ax.set_title("final runs: every seed is a dot")
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("final runs (selected configs): every seed is a dot")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    if sweep_methods:
+    if doc["sweep"]:
         ax = axes[0][1]
-        for j, m in enumerate(sweep_methods):
-            c = doc["selection"][m]["candidates"]
-            ax.scatter([j + 0.1 * (k - len(c) / 2) for k in range(len(c))],
-                       [x["heldout_top1"] for x in c], color=f"C{j}")
-            for k, x in enumerate(c):
-                ax.annotate(Planner.tag(x["hyper"]), (j + 0.1 * (k - len(c) / 2),
-                            x["heldout_top1"]), fontsize=6, rotation=90, va="bottom")
-        ax.set_xticks(range(len(sweep_methods)), sweep_methods, rotation=20, ha="right")
-        ax.set_ylabel("held-out top-1 (%)")
-        ax.set_title("sweep (seed 0): selection is on the held-out split")
+        methods = [r["method"] for r in rows]
+        for j, m in enumerate(methods):
+            pts = [r for r in sweep if r["method"] == m]
+            for k, r in enumerate(pts):
+                x = j + 0.12 * (k - (len(pts) - 1) / 2)
+                sel = doc["selection"].get(m, {}).get("run") == r["id"]
+                ax.scatter([x], [r["heldout_top1"]], color=f"C{j}", marker="o",
+                           edgecolor="k" if sel else None, s=60 if sel else 30, zorder=3,
+                           label="held-out top-1 (selects)" if j == k == 0 else None)
+                ax.scatter([x], [r["test_top1"]], color=f"C{j}", marker="x", zorder=3,
+                           label="test top-1 (not used)" if j == k == 0 else None)
+                ax.annotate(Planner.tag(r["hyper"]), (x, r["heldout_top1"]), fontsize=6,
+                            rotation=90, va="bottom", ha="center", xytext=(0, 4),
+                            textcoords="offset points")
+        ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
+        ax.set_xlim(-0.5, len(methods) - 0.5)
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title("sweep, seed 0 (ringed: selected)")
         ax.grid(axis="y", alpha=0.3)
+        if sweep:
+            ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
