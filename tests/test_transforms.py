@@ -300,11 +300,15 @@ def test_augment_config_is_validated_and_default_keeps_the_old_hash():
     from s4l.training.presets import get_preset
 
     cfg = get_preset("supervised-10pct-smoke").config
-    old = {k: v for k, v in C.flatten(C.to_dict(cfg)).items()
-           if k not in ("data.augment", "data.pad_crop")}
+    # Fields added after runs were recorded (data.augment, data.pad_crop,
+    # objective.class_rotations) are left out of the hash at their defaults.
+    assert {"data.augment", "data.pad_crop", "objective.class_rotations"} <= set(C.ADDED_FIELDS)
+    old = {k: v for k, v in C.flatten(C.to_dict(cfg)).items() if k not in C.ADDED_FIELDS}
     assert C.semantic_dict(cfg) == {k: v for k, v in old.items() if k not in C.EXECUTION_ONLY}
     pc = C.apply_overrides(cfg, ["data.augment=pad-crop"])
     assert C.config_hash(pc) != C.config_hash(cfg)
+    up = C.apply_overrides(cfg, ["objective.class_rotations=upright"])
+    assert C.config_hash(up) != C.config_hash(cfg)
     C.validate(pc)
     with pytest.raises(UserError, match="data.augment"):
         C.validate(C.apply_overrides(cfg, ["data.augment=autoaugment"]))
