@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import itertools
 import json
@@ -288,8 +289,10 @@ class Run:
     pending: bool = False          # depends on a selection not made yet (cost is an estimate)
     dep_hashes: dict[str, str] = dataclasses.field(default_factory=dict)  # {dep id: its hash}
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
+        # Cached: the planner compares every new run's hash with every earlier run's, and the
+        # hash reads the label file (sha256); a run's config never changes after planning.
         return portable_hash(self.config)
 
 
