@@ -788,6 +788,10 @@ def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
             write_report(study, planner, ledger, analyses, report, command, failed, 0.0)
             return 0
         run = next_run(planner, plan, only, failed, retrain, retrained)
+        if run is None:  # a finished run an analysis still needs, not on this machine
+            run = retrain_for_analyses(study, planner, analyses, only, failed, retrained)
+            if run is not None:
+                retrain.add(run.id)
         if run is None:
             break
         retrain.discard(run.id)
@@ -799,30 +803,14 @@ def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
         except Exception as e:  # one failed run must not stop the study: record, go on
             failed[run.id] = f"{type(e).__name__}: {e}"
             log.error("%s failed: %s\n%s", run.id, e, traceback.format_exc())
+        # Analyses run as soon as their runs are finished, while the checkpoints they read
+        # are on this machine (a session may end before the rest of the plan does).
+        planner = Planner(study, data, workdir, ledger, smoke=smoke, overrides=overrides)
+        planner.build()
+        run_analyses(study, planner, analyses, workdir, report, smoke, only, failed)
         write_report(study, planner, ledger, analyses, report, command, failed,
                      time.time() - started)
-    # Analyses of finished final runs (BN statistics recomputed).
-    for d in study.diagnosis:
-        if d.kind != "bn-recompute" or (only and d.method not in only):
-            continue
-        m = study.method(d.method)
-        if planner.selection[m.key].get("pending"):
-            continue
-        rid = planner.final_id(m, d.seed)
-        run = planner.runs.get(rid)
-        if run is None or planner.result(run) is None:
-            continue
-        if analyses.get(d.key, {}).get("hash") == run.hash:
-            continue
-        if not (run.workdir / "checkpoint.pt").exists():
-            log.warning("%s: %s has no checkpoint on this machine; rerun it to analyse it",
-                        d.key, rid)
-            continue
-        log.info("diagnosis %s: BN statistics of %s recomputed on training images", d.key, rid)
-        analyses[d.key] = {**bn_recompute(run), "hash": run.hash, "label": d.label,
-                           "finished_at": _now()}
-    if study.transfer and (not only or study.transfer["backbone"] in only):
-        transfer_step(study, planner, analyses, workdir, report, smoke)
+    run_analyses(study, planner, analyses, workdir, report, smoke, only, failed)
     write_report(study, planner, ledger, analyses, report, command, failed,
                  time.time() - started)
     for rid, why in failed.items():
@@ -830,30 +818,88 @@ def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
     return 1 if failed else 0
 
 
+def due_analyses(study: Study, planner: Planner, analyses: dict[str, Any],
+                 only: Sequence[str]) -> list[tuple[str, dict[str, Run], str]]:
+    """The analyses (BN statistics recomputed, transfer) whose runs are all finished but that
+    are not recorded for those runs yet: (key, {name: run whose checkpoint it reads}, hash)."""
+    out = []
+    for d in study.diagnosis:
+        if d.kind != "bn-recompute" or (only and d.method not in only):
+            continue
+        m = study.method(d.method)
+        if planner.selection[m.key].get("pending"):
+            continue
+        run = planner.runs.get(planner.final_id(m, d.seed))
+        if run is None or planner.result(run) is None:
+            continue
+        if analyses.get(d.key, {}).get("hash") != run.hash:
+            out.append((d.key, {m.key: run}, run.hash))
+    t = study.transfer
+    if t and (not only or t["backbone"] in only):
+        m = study.method(t["backbone"])
+        if not planner.selection[m.key].get("pending"):
+            runs = {m.key: planner.runs[planner.final_id(m, 0)],
+                    "rotation-only": planner.runs[f"transfer/{t['baseline_preset']}/seed0"]}
+            key = "+".join(r.hash for r in runs.values())
+            if (all(planner.result(r) is not None for r in runs.values())
+                    and analyses.get("transfer", {}).get("hash") != key):
+                out.append(("transfer", runs, key))
+    return out
+
+
+def retrain_for_analyses(study: Study, planner: Planner, analyses: dict[str, Any],
+                         only: Sequence[str], failed: dict[str, str],
+                         retrained: set[str]) -> Run | None:
+    """A finished run (in the ledger) that a due analysis reads but whose checkpoint is not on
+    this machine (a fresh machine with only the committed report): retrained once."""
+    for key, runs, _ in due_analyses(study, planner, analyses, only):
+        for r in runs.values():
+            r = planner.owner(r)
+            if (r.workdir / "checkpoint.pt").exists() or r.id in failed:
+                continue
+            if r.id in retrained:
+                failed[key] = f"{r.id} was retrained but its checkpoint is still absent"
+                continue
+            log.info("%s needs %s, finished elsewhere (in the ledger) but not on this machine: "
+                     "retraining it", key, r.workdir / "checkpoint.pt")
+            retrained.add(r.id)
+            return r
+    return None
+
+
+def run_analyses(study: Study, planner: Planner, analyses: dict[str, Any], workdir: Path,
+                 report: Path, smoke: bool, only: Sequence[str], failed: dict[str, str]) -> None:
+    """Every due analysis whose checkpoints are on this machine; a failure is recorded in
+    `failed` and does not stop the study."""
+    labels = {d.key: d.label for d in study.diagnosis}
+    for key, runs, h in due_analyses(study, planner, analyses, only):
+        if key in failed or not all((planner.owner(r).workdir / "checkpoint.pt").exists()
+                                    for r in runs.values()):
+            continue
+        try:
+            if key == "transfer":
+                transfer_step(study, planner, analyses, workdir, report, smoke, runs, h)
+            else:
+                (run,) = runs.values()
+                log.info("diagnosis %s: BN statistics of %s recomputed on training images",
+                         key, run.id)
+                analyses[key] = {**bn_recompute(planner.owner(run)), "hash": h,
+                                 "label": labels[key], "finished_at": _now()}
+        except Exception as e:
+            failed[key] = f"{type(e).__name__}: {e}"
+            log.error("analysis %s failed: %s\n%s", key, e, traceback.format_exc())
+
+
 def transfer_step(study: Study, planner: Planner, analyses: dict[str, Any], workdir: Path,
-                  report: Path, smoke: bool) -> None:
+                  report: Path, smoke: bool, runs: dict[str, Run], key: str) -> None:
     """Linear probes of the backbone's final seed-0 run and of the self-supervised baseline on
-    another domain (the paper's Places205 study), once both runs are finished here."""
+    another domain (the paper's Places205 study); both runs are finished, here."""
     import shutil
 
     from s4l.evaluation.transfer import transfer_probe
 
     t = study.transfer
-    m = study.method(t["backbone"])
-    if planner.selection[m.key].get("pending"):
-        return
-    runs = {m.key: planner.runs[planner.final_id(m, 0)],
-            "rotation-only": planner.runs[f"transfer/{t['baseline_preset']}/seed0"]}
-    if any(planner.result(r) is None for r in runs.values()):
-        return
-    key = "+".join(r.hash for r in runs.values())
-    if analyses.get("transfer", {}).get("hash") == key:
-        return
-    ckpts = {name: r.workdir / "checkpoint.pt" for name, r in runs.items()}
-    if not all(p.exists() for p in ckpts.values()):
-        log.warning("transfer: a backbone's checkpoint is not on this machine (%s); rerun it",
-                    [str(p) for p in ckpts.values() if not p.exists()])
-        return
+    ckpts = {name: planner.owner(r).workdir / "checkpoint.pt" for name, r in runs.items()}
     root = resolve_data(t.get("data", "imagenette"))
     out = workdir / "transfer" / key
     log.info("transfer: features of %s and linear probes for %s", root, list(ckpts))
@@ -1213,23 +1259,51 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
                            f"{_num(rec.get('test_top1'))} | {mark} |")
     if doc["diagnosis"] or doc["analyses"]:
         out.append("\n## Diagnosis\n")
-        out.append("| step | run | test top-1 | test top-5 | held-out top-1 |")
-        out.append("|---|---|---|---|---|")
+        runs = {r["id"]: r for r in doc["runs"]}
+        # Each step against the diagnosed method's selected run (seed 0: the same seed as every
+        # diagnosis run) and the supervised seed-0 run; one seed each, so a difference of about
+        # the seeds' spread in the table above is noise.
+        refs = {m: runs.get(sel.get("run")) for m, sel in doc["selection"].items()}
+        sup0 = refs.get("supervised")
+        diagnosed = list(dict.fromkeys(d.method for d in study.diagnosis))
+        out.append("One seed (0) per step. Δ: test top-1 minus that of the diagnosed method's "
+                   "selected seed-0 run (the reference row; for supervised's row, minus the "
+                   f"first reference, {diagnosed[0]}). A step that closes the gap to supervised "
+                   "moves Δ towards supervised's.\n")
+        out.append("| step | run | test top-1 | Δ | test top-5 | held-out top-1 |")
+        out.append("|---|---|---|---|---|---|")
+
+        def delta(x, ref):
+            return "-" if x is None or ref is None else f"{x - ref['test_top1']:+.2f}"
+
+        for m in diagnosed:
+            ref = refs.get(m)
+            if ref:
+                out.append(f"| {m}, selected (the reference) | `{ref['id']}` | "
+                           f"{_num(ref['test_top1'])} | 0 | {_num(ref['test_top5'])} | "
+                           f"{_num(ref['heldout_top1'])} |")
+        if sup0 and "supervised" not in diagnosed:
+            out.append(f"| supervised, selected (for comparison) | `{sup0['id']}` | "
+                       f"{_num(sup0['test_top1'])} | "
+                       f"{delta(sup0['test_top1'], refs.get(diagnosed[0]))} | "
+                       f"{_num(sup0['test_top5'])} | {_num(sup0['heldout_top1'])} |")
         for d in study.diagnosis:
             rec = doc["diagnosis"].get(d.key)
             a = doc["analyses"].get(d.key)
+            ref = refs.get(d.method)
             if rec:
                 out.append(f"| {d.label} | `{rec['id']}` ({Planner.tag(rec['hyper'])}) | "
-                           f"{_num(rec['test_top1'])} | {_num(rec['test_top5'])} | "
-                           f"{_num(rec['heldout_top1'])} |")
+                           f"{_num(rec['test_top1'])} | {delta(rec['test_top1'], ref)} | "
+                           f"{_num(rec['test_top5'])} | {_num(rec['heldout_top1'])} |")
             elif a:
-                out.append(f"| {d.label}: before | `{a['run']}` | {_num(a.get('before/eval/top1'))} | "
+                b, af = a.get("before/eval/top1"), a.get("after/eval/top1")
+                out.append(f"| {d.label}: before | `{a['run']}` | {_num(b)} | - | "
                            f"{_num(a.get('before/eval/top5'))} | {_num(a.get('before/heldout/top1'))} |")
                 out.append(f"| {d.label}: after ({a['bn_images']:,} images) | `{a['run']}` | "
-                           f"{_num(a.get('after/eval/top1'))} | {_num(a.get('after/eval/top5'))} | "
-                           f"{_num(a.get('after/heldout/top1'))} |")
+                           f"{_num(af)} | {'-' if b is None or af is None else f'{af - b:+.2f}'} | "
+                           f"{_num(a.get('after/eval/top5'))} | {_num(a.get('after/heldout/top1'))} |")
             else:
-                out.append(f"| {d.label} | not run yet | - | - | - |")
+                out.append(f"| {d.label} | not run yet | - | - | - | - |")
     tr = doc["analyses"].get("transfer")
     if study.transfer:
         out.append("\n## Transfer: linear probes of frozen features on another domain\n")

@@ -158,6 +158,12 @@ def test_diagnoses_reuse_identical_runs_and_bn_recompute_is_recorded(tiny):
     runs = {r["id"]: r for r in doc["runs"]}
     # "before" is the run's own evaluation, recomputed from its checkpoint.
     assert bn["before/eval/top1"] == pytest.approx(runs[bn["run"]]["test_top1"], abs=1e-3)
+    md = (tiny["tmp"] / "docs" / "tiny.md").read_text().split("## Diagnosis")[1]
+    # Every step is read against the diagnosed method's selected seed-0 run.
+    ref = runs[doc["selection"]["s4l-rotation"]["run"]]
+    assert f"| s4l-rotation, selected (the reference) | `{ref['id']}` |" in md
+    up_delta = up["test_top1"] - ref["test_top1"]
+    assert "| `diagnosis/upright/seed0` (" in md and f"| {up_delta:+.2f} |" in md
 
 
 def test_transfer_probes_both_backbones_with_the_same_forwarded_images(tiny):
@@ -203,6 +209,29 @@ def test_rerun_trains_nothing_and_the_report_alone_keeps_the_study(tiny, capsys)
     assert not list(work.glob("**/checkpoint.pt"))
     again = json.loads((tiny["tmp"] / "docs" / "tiny.json").read_text())
     assert {r["id"] for r in again["runs"]} == {r["id"] for r in tiny["doc"]["runs"]}
+
+
+def test_an_analysis_left_undone_is_finished_on_a_fresh_machine_by_retraining_its_run(
+        tiny, tmp_path):
+    """A session that ended after the selected run but before its BN analysis: the next machine
+    has the committed report only. The run the analysis reads is retrained (nothing else), and
+    the analysis is recorded."""
+    from s4l.cli import main
+
+    docs = tmp_path / "docs"
+    shutil.copytree(tiny["tmp"] / "docs", docs)
+    ledger = json.loads((docs / "tiny.json").read_text())
+    del ledger["analyses"]["bn"]
+    (docs / "tiny.json").write_text(json.dumps(ledger))
+    work = tmp_path / "work"
+    assert main(["study", str(tiny["path"]), "--smoke", "--workdir", str(work), "--report",
+                 str(docs / "tiny")]) == 0
+    sel = ledger["selection"]["s4l-rotation"]["run"]
+    assert [p.parent.relative_to(work).as_posix() for p in work.glob("**/checkpoint.pt")] == [sel]
+    doc = json.loads((docs / "tiny.json").read_text())
+    bn = doc["analyses"]["bn"]
+    assert bn["run"] == sel and "after/eval/top1" in bn and not doc["failed"]
+    assert doc["analyses"]["transfer"] == ledger["analyses"]["transfer"]  # done: not redone
 
 
 def test_a_changed_config_does_not_pass_old_runs_off_as_its_own(tiny, tmp_path, capsys):
