@@ -35,6 +35,7 @@ experiments/table1_protocol.toml, which documents each one, and experiments/tabl
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime as dt
 import functools
@@ -609,7 +610,11 @@ def load_ledger(path: Path) -> tuple[dict[str, dict], dict[str, Any]]:
         dict(doc.get("analyses", {}))
 
 
-def record_of(run: Run, metrics: dict[str, Any], wall_s: float | None) -> dict[str, Any]:
+def record_of(run: Run, metrics: dict[str, Any], wall_s: float | None,
+              resumed_at_step: int = 0) -> dict[str, Any]:
+    """The ledger's record of a finished run. `wall_s` is this session's time; a run resumed
+    from an earlier session's checkpoint also gets `resumed_at_step` and `wall_s_full`, its
+    wall time scaled to every step (what the cost and the rates use)."""
     from s4l.provenance import git_commit
 
     def get(k):
@@ -626,11 +631,27 @@ def record_of(run: Run, metrics: dict[str, Any], wall_s: float | None) -> dict[s
            "test_top1_rotation_averaged": get("eval/top1_rotation_averaged"),
            "wall_s": None if wall_s is None else round(wall_s, 1),
            "loadavg_end": round(os.getloadavg()[0], 2),
-           "finished_at": _now(), "host": platform.node(),
+           "finished_at": _now(), "host": platform.node(), "cpu": _cpu(),
            "commit": git_commit(ROOT).get("commit")}
+    if resumed_at_step and wall_s:
+        done = run.budget["steps"] - resumed_at_step
+        rec["resumed_at_step"] = resumed_at_step
+        rec["wall_s_full"] = round(wall_s * run.budget["steps"] / max(done, 1), 1)
     if run.dep_hashes:  # the stage / teacher this run was made from (its identity, with `hash`)
         rec["deps"] = dict(run.dep_hashes)
     return rec
+
+
+def _full_wall(rec: dict[str, Any]) -> float:
+    """A record's wall time for every step (a resumed run's is scaled from its own session)."""
+    return rec.get("wall_s_full") or rec.get("wall_s") or 0.0
+
+
+@functools.cache
+def _cpu() -> str:
+    from s4l.provenance import machine_info
+
+    return machine_info().get("cpu") or "?"
 
 
 def _now() -> str:
@@ -647,12 +668,16 @@ def _write_json(path: Path, obj: Any) -> None:
 # ============================================================================ running
 
 
-def execute(run: Run, planner: Planner, progress: bool) -> tuple[dict[str, Any], float]:
-    """Pseudo-label first if the run needs it, then train (or resume); (metrics, wall s)."""
+def execute(run: Run, planner: Planner, progress: bool) -> tuple[dict[str, Any], float, int]:
+    """Pseudo-label first if the run needs it, then train (or resume); (metrics, wall s of this
+    session, the step it resumed from: 0 for a fresh run)."""
     from s4l.cli import main as s4l_main
+    from s4l.training.checkpoint import find_resume, read_checkpoint
     from s4l.training.trainer import train
 
     t0 = time.time()
+    part = find_resume(run.workdir)
+    resumed = int(read_checkpoint(part).get("step", 0)) if part else 0
     if run.pseudo_labels is not None and not run.pseudo_labels.exists():
         run.pseudo_labels.parent.mkdir(parents=True, exist_ok=True)
         argv = ["pseudo-label", "--checkpoint", str(run.teacher_ckpt), "--data", planner.data,
@@ -667,7 +692,7 @@ def execute(run: Run, planner: Planner, progress: bool) -> tuple[dict[str, Any],
     log.info("training %s (%s, %d steps x %d images)", run.id, run.config.preset,
              run.budget["steps"], run.budget["images_per_step"])
     metrics = train(run.config, run.workdir, progress=progress)
-    return metrics, time.time() - t0
+    return metrics, time.time() - t0, resumed
 
 
 def bn_recompute(run: Run, batches: int = 40, batch_size: int = 250) -> dict[str, float]:
@@ -796,8 +821,8 @@ def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
             break
         retrain.discard(run.id)
         try:
-            metrics, wall = execute(run, planner, progress)
-            ledger[run.id] = record_of(run, metrics, wall)
+            metrics, wall, resumed = execute(run, planner, progress)
+            ledger[run.id] = record_of(run, metrics, wall, resumed)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one failed run must not stop the study: record, go on
@@ -931,39 +956,50 @@ def rates(ledger: dict[str, dict], given: float | None = None) -> dict[str, floa
     `given` is one rate for every objective instead."""
     if given:
         return dict.fromkeys({*DEFAULT_RATE, *OBJECTIVE_OF.values()}, float(given))
-    acc: dict[str, list[float]] = {}
+    # Per objective: the runs made on this machine's CPU model where there are any (a study
+    # may move between machines), else every finished run.
+    acc: dict[str, dict[bool, list[float]]] = {}
     for r in ledger.values():
         if r.get("wall_s"):
             obj = OBJECTIVE_OF.get(r["method"], r["method"])
-            acc.setdefault(obj, []).append(r["images"] / r["wall_s"])
+            acc.setdefault(obj, {True: [], False: []})[r.get("cpu") == _cpu()].append(
+                r["images"] / _full_wall(r))
     out = dict(DEFAULT_RATE)
-    out.update({k: statistics.median(v) for k, v in acc.items()})
+    out.update({k: statistics.median(v[True] or v[False]) for k, v in acc.items()})
     return out
 
 
 OBJECTIVE_OF: dict[str, str] = {}
 
 
-def print_plan(planner: Planner, plan: list[Run], analyses: dict[str, Any],
-               given_rate: float | None = None) -> None:
+def plan_cost(planner: Planner, plan: list[Run], given_rate: float | None = None):
+    """Estimated seconds per run at the rates measured on the study's finished runs (else the
+    defaults): ([(run, seconds, status)], total s, s left, rates)."""
     for r in plan:
         OBJECTIVE_OF[r.method] = r.config.objective.name
     rate = rates(planner.ledger, given_rate)
-    print(f"study {planner.study.name}: {planner.counts['labelled']} labelled, "
-          f"{planner.counts['train']} training, {planner.counts['heldout']} held-out images")
-    print(f"{'run':<52} {'steps':>6} {'img/step':>8} {'images':>11} {'est.':>8}  status")
-    left = total = 0.0
+    rows, left, total = [], 0.0, 0.0
     for r in plan:
         done = planner.result(r) is not None
         status = ("same as " + r.alias_of) if r.alias_of else (
             "done" if done else ("pending" if r.pending else "todo"))
-        part = r.workdir / "checkpoint.pt"
-        if not done and not r.alias_of and part.exists():
+        if not done and not r.alias_of and (r.workdir / "checkpoint.pt").exists():
             status = "partial"
         sec = r.budget["images"] / rate.get(r.config.objective.name, 500.0)
         if not r.alias_of:
             total += sec
             left += 0 if done else sec
+        rows.append((r, sec, status))
+    return rows, total, left, rate
+
+
+def print_plan(planner: Planner, plan: list[Run], analyses: dict[str, Any],
+               given_rate: float | None = None) -> None:
+    rows, total, left, rate = plan_cost(planner, plan, given_rate)
+    print(f"study {planner.study.name}: {planner.counts['labelled']} labelled, "
+          f"{planner.counts['train']} training, {planner.counts['heldout']} held-out images")
+    print(f"{'run':<52} {'steps':>6} {'img/step':>8} {'images':>11} {'est.':>8}  status")
+    for r, sec, status in rows:
         print(f"{r.id:<52} {r.budget['steps']:>6} {r.budget['images_per_step']:>8} "
               f"{r.budget['images']:>11,} {sec / 60:>6.1f}m  {status}")
     for m, sel in planner.selection.items():
@@ -1050,7 +1086,7 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
         rec = planner.result(run) if run else None
         if rec:
             diagnosis[d.key] = {**rec, "diagnosis": d.key, "same_as": run.alias_of}
-    wall = sum(r.get("wall_s") or 0 for r in runs)
+    wall = sum(_full_wall(r) for r in runs)
     doc = {
         "study": study.name, "title": study.title, "study_file": study.source_file,
         "command": command, "updated_at": _now(), "data": study.data,
@@ -1065,7 +1101,8 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
         "cost": {"machine_hours": round(wall / 3600, 3),
                  "cpu_hours": round(wall * (os.cpu_count() or 1) / 3600, 3),
                  "note": "sum of the finished runs' wall time on their machine (cores: "
-                         f"{os.cpu_count()}); cpu_hours = wall x cores"},
+                         f"{os.cpu_count()}); cpu_hours = wall x cores",
+                 **_estimate(planner)},
         "machine": machine_info(), "failed": failed,
     }
     _write_json(report.with_suffix(".json"), doc)
@@ -1074,6 +1111,17 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
     except Exception as e:  # the plot must not lose the numbers
         log.warning("plot failed: %s", e)
     report.with_suffix(".md").write_text(markdown(doc, study, report.with_suffix(".png").name))
+
+
+def _estimate(planner: Planner) -> dict[str, Any]:
+    _, total, left, rate = plan_cost(planner, list(planner.runs.values()))
+    cores = os.cpu_count() or 1
+    return {"estimated_machine_hours_total": round(total / 3600, 2),
+            "estimated_machine_hours_left": round(left / 3600, 2),
+            "estimated_cpu_hours_total": round(total * cores / 3600, 2),
+            "estimate_rates_img_per_s": {k: round(v) for k, v in sorted(rate.items())},
+            "estimate_note": "every planned run's forwarded images / the median rate of the "
+                             "study's finished runs of its objective (defaults where none)"}
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
@@ -1193,9 +1241,17 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
                    "same seed) is a run of its own with its own budget, listed per row under "
                    "'earlier stage'; making the pseudo-label file is not counted.")
     cost = doc["cost"]
-    out.append(f"- cost so far: {cost['machine_hours']:.2f} h of wall time on the machine "
-               f"({cost['cpu_hours']:.2f} CPU hours); machine: {doc['machine'].get('cpu', '?')}, "
-               f"{doc['machine'].get('cores_logical', '?')} logical cores.\n")
+    cpus = collections.Counter(r.get("cpu") or "not recorded" for r in doc["runs"])
+    out.append(f"- cost so far: {cost['machine_hours']:.2f} h of wall time on the machines "
+               f"({cost['cpu_hours']:.2f} CPU hours at {doc['machine'].get('cores_logical', '?')} "
+               "cores); runs per machine: "
+               + ", ".join(f"{c} ({n})" for c, n in cpus.most_common()) + ".")
+    if "estimated_machine_hours_total" in cost:
+        out.append(f"- whole study, estimated: {cost['estimated_machine_hours_total']:.1f} h of "
+                   f"this machine ({cost['estimated_cpu_hours_total']:.1f} CPU hours), "
+                   f"{cost['estimated_machine_hours_left']:.1f} h left, at the rates its "
+                   "finished runs measured (`--dry-run` lists every run).")
+    out.append("")
     out.append(f"![every seed of every method]({png})\n")
     out.append("## Final runs (selected configs)\n")
     if doc["sweep"]:
@@ -1327,15 +1383,17 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
                "test top-5 | final |")
     out.append("|---|---|---|---|---|---|---|---|---|")
     for r in doc["runs"]:
-        w = r.get("wall_s")
+        w = _full_wall(r)
         out.append(f"| `{r['id']}`{' (stale)' if r.get('stale') else ''} | "
                    f"{_num(r.get('labelled_epochs'), 0)} | {r['steps']:,} | {r['images']:,} | "
-                   f"{'-' if not w else f'{w / 60:.1f} min'} | {_num(r.get('heldout_top1'))} | "
+                   f"{'-' if not w else f'{w / 60:.1f} min'}"
+                   f"{'*' if r.get('resumed_at_step') else ''} | {_num(r.get('heldout_top1'))} | "
                    f"{_num(r.get('test_top1'))} | {_num(r.get('test_top5'))} | "
                    f"{'yes' if r.get('final') else ''} |")
     out.append("\nWall times are those of the run's own session; the load average at its end is "
                "in the JSON (`loadavg_end`): a figure taken while other jobs shared the cores is "
-               "an indication only.")
+               "an indication only. *: resumed from a checkpoint of an earlier session "
+               "(`resumed_at_step`); its wall time is that session's, scaled to every step.")
     if doc["failed"]:
         out.append("\nDid not finish in the last session: " + "; ".join(
             f"`{k}`: {v}" for k, v in doc["failed"].items()))

@@ -280,3 +280,22 @@ def test_the_repository_studies_parse_and_plan():
     assert [m.key for m in study.methods][:3] == ["supervised", "s4l-rotation", "s4l-exemplar"]
     assert dict(study.common)["data.augment"] == "pad-crop"
     assert Path(study.label_file).exists()
+
+
+def test_a_resumed_runs_cost_is_scaled_from_its_own_session_to_every_step(tiny):
+    """A run resumed at step k of n was timed for n - k steps only: its cost and the rate the
+    plan uses are scaled to all n steps, and the record says it was resumed."""
+    planner = S.Planner(S.load_study(tiny["path"]), str(tiny["tmp"] / "data"),
+                        tiny["tmp"] / "w", {}, smoke=True)
+    run = max(planner.build(), key=lambda r: r.budget["steps"])  # the x2 convergence run
+    n = run.budget["steps"]
+    assert n >= 2
+    fresh = S.record_of(run, {"eval/top1": 50.0}, wall_s=100.0)
+    assert "resumed_at_step" not in fresh and S._full_wall(fresh) == 100.0
+    half = S.record_of(run, {"eval/top1": 50.0}, wall_s=100.0, resumed_at_step=n // 2)
+    assert half["resumed_at_step"] == n // 2 and half["wall_s"] == 100.0
+    assert S._full_wall(half) == pytest.approx(100.0 * n / (n - n // 2), abs=0.1)
+    S.OBJECTIVE_OF[run.method] = run.config.objective.name
+    rate = S.rates({run.id: half})[run.config.objective.name]
+    assert rate == pytest.approx(run.budget["images"] / S._full_wall(half), rel=1e-6)
+    assert half["cpu"] and half["cpu"] == fresh["cpu"]
