@@ -1152,31 +1152,49 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     if doc["sweep"]:
-        ax = axes[0][1]
-        methods = [r["method"] for r in rows]
-        for j, m in enumerate(methods):
-            pts = [r for r in sweep if r["method"] == m]
-            for k, r in enumerate(pts):
-                x = j + 0.12 * (k - (len(pts) - 1) / 2)
-                sel = doc["selection"].get(m, {}).get("run") == r["id"]
-                ax.scatter([x], [r["heldout_top1"]], color=f"C{j}", marker="o",
-                           edgecolor="k" if sel else None, s=60 if sel else 30, zorder=3,
-                           label="held-out top-1 (selects)" if j == k == 0 else None)
-                ax.scatter([x], [r["test_top1"]], color=f"C{j}", marker="x", zorder=3,
-                           label="test top-1 (not used)" if j == k == 0 else None)
-                ax.annotate(Planner.tag(r["hyper"]), (x, r["heldout_top1"]), fontsize=6,
-                            rotation=90, va="bottom", ha="center", xytext=(0, 4),
-                            textcoords="offset points")
-        ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
-        ax.set_xlim(-0.5, len(methods) - 0.5)
-        ax.set_ylabel("top-1 (%)")
-        ax.set_title("sweep, seed 0 (ringed: selected)")
-        ax.grid(axis="y", alpha=0.3)
-        if sweep:
-            ax.legend(loc="lower right", fontsize=8)
+        _plot_sweep(axes[0][1], doc, rows, sweep)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_sweep(ax, doc: dict[str, Any], rows: list[dict[str, Any]],
+                sweep: list[dict[str, Any]]) -> None:
+    """Held-out top-1 (what selects) of every finished sweep point against the sweep's last key
+    (log axis where it spans 10x), a line per method and value of the first key; the selected
+    point ringed, test top-1 as faint crosses. A sweep of one key: a line per method."""
+    keys = list(doc["sweep"])
+    xkey, lkey = keys[-1], (keys[0] if len(keys) > 1 else None)
+    xs = [float(v) for v in doc["sweep"][xkey]]
+    log = min(xs) > 0 and max(xs) / min(xs) >= 10
+    styles = ("-", "--", ":", "-.")
+    lvals = list(doc["sweep"][lkey]) if lkey else [None]
+    for j, m in enumerate(r["method"] for r in rows):
+        for k, lv in enumerate(lvals):
+            pts = sorted((r for r in sweep if r["method"] == m
+                          and (lkey is None or r["hyper"].get(lkey) == lv)),
+                         key=lambda r: float(r["hyper"][xkey]))
+            if not pts:
+                continue
+            x = [float(r["hyper"][xkey]) for r in pts]
+            lab = m + (f", {lkey.split('.')[-1]} {lv:g}" if lkey else "")
+            ax.plot(x, [r["heldout_top1"] for r in pts], styles[k % 4], color=f"C{j}",
+                    marker="o", label=lab)
+            ax.scatter(x, [r["test_top1"] for r in pts], color=f"C{j}", marker="x", alpha=0.5,
+                       zorder=3)
+            for r in pts:
+                if doc["selection"].get(m, {}).get("run") == r["id"]:
+                    ax.scatter([float(r["hyper"][xkey])], [r["heldout_top1"]], s=160,
+                               facecolors="none", edgecolors="k", linewidths=1.5, zorder=4)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{v:g}" for v in xs])
+    ax.set_xlabel(xkey)
+    ax.set_ylabel("held-out top-1 (%), lines; test top-1, crosses")
+    ax.set_title("sweep, seed 0 (ringed: selected on held-out)")
+    ax.grid(alpha=0.3)
+    if sweep:
+        ax.legend(loc="lower left", fontsize=7)
 
 
 def _num(x: float | None, nd: int = 2) -> str:
