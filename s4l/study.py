@@ -642,6 +642,12 @@ def record_of(run: Run, metrics: dict[str, Any], wall_s: float | None,
     return rec
 
 
+# What a retrain (a finished run trained again on a machine without its checkpoint) adds to
+# the run's record, beside the first measurement, which the tables keep.
+RETRAINED_KEYS = ("heldout_top1", "test_top1", "test_top5", "wall_s", "cpu", "host",
+                  "finished_at", "commit")
+
+
 def _full_wall(rec: dict[str, Any]) -> float:
     """A record's wall time for every step (a resumed run's is scaled from its own session)."""
     return rec.get("wall_s_full") or rec.get("wall_s") or 0.0
@@ -819,10 +825,16 @@ def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
                 retrain.add(run.id)
         if run is None:
             break
+        again = run.id in retrain and run.id in ledger
         retrain.discard(run.id)
         try:
             metrics, wall, resumed = execute(run, planner, progress)
-            ledger[run.id] = record_of(run, metrics, wall, resumed)
+            rec = record_of(run, metrics, wall, resumed)
+            if again:  # retrained for its checkpoint: the study keeps its first measurement
+                ledger[run.id].setdefault("retrained", []).append(
+                    {k: rec.get(k) for k in RETRAINED_KEYS})
+            else:
+                ledger[run.id] = rec
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one failed run must not stop the study: record, go on
@@ -1408,6 +1420,15 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
                    f"{'*' if r.get('resumed_at_step') else ''} | {_num(r.get('heldout_top1'))} | "
                    f"{_num(r.get('test_top1'))} | {_num(r.get('test_top5'))} | "
                    f"{'yes' if r.get('final') else ''} |")
+    again = [r for r in doc["runs"] if r.get("retrained")]
+    if again:
+        out.append("\nRetrained on a machine without their checkpoint (an analysis or a later run "
+                   "reads it); the tables keep the first measurement, the analyses read the "
+                   "retrained checkpoint:\n")
+        for r in again:
+            out.extend(f"- `{r['id']}`: test top-1 {_num(r.get('test_top1'))} first, "
+                       f"{_num(x.get('test_top1'))} retrained ({x.get('cpu') or '?'}, "
+                       f"{x.get('finished_at')})" for x in r["retrained"])
     out.append("\nWall times are those of the run's own session; the load average at its end is "
                "in the JSON (`loadavg_end`): a figure taken while other jobs shared the cores is "
                "an indication only. *: resumed from a checkpoint of an earlier session "

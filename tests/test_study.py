@@ -231,6 +231,14 @@ def test_an_analysis_left_undone_is_finished_on_a_fresh_machine_by_retraining_it
     doc = json.loads((docs / "tiny.json").read_text())
     bn = doc["analyses"]["bn"]
     assert bn["run"] == sel and "after/eval/top1" in bn and not doc["failed"]
+    # The table keeps the first measurement; the retrain is recorded beside it.
+    first = next(r for r in ledger["runs"] if r["id"] == sel)
+    rec = next(r for r in doc["runs"] if r["id"] == sel)
+    assert {k: rec[k] for k in ("test_top1", "heldout_top1", "finished_at")} == \
+        {k: first[k] for k in ("test_top1", "heldout_top1", "finished_at")}
+    (again,) = rec["retrained"]
+    assert again["test_top1"] == pytest.approx(bn["before/eval/top1"], abs=1e-3)
+    assert f"- `{sel}`: test top-1" in (docs / "tiny.md").read_text()
     assert doc["analyses"]["transfer"] == ledger["analyses"]["transfer"]  # done: not redone
 
 
