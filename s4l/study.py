@@ -913,6 +913,7 @@ def run_analyses(study: Study, planner: Planner, analyses: dict[str, Any], workd
         if key in failed or not all((planner.owner(r).workdir / "checkpoint.pt").exists()
                                     for r in runs.values()):
             continue
+        t0 = time.time()
         try:
             if key == "transfer":
                 transfer_step(study, planner, analyses, workdir, report, smoke, runs, h)
@@ -922,6 +923,8 @@ def run_analyses(study: Study, planner: Planner, analyses: dict[str, Any], workd
                          key, run.id)
                 analyses[key] = {**bn_recompute(planner.owner(run)), "hash": h,
                                  "label": labels[key], "finished_at": _now()}
+            # Its cost counts in the study's (feature extraction and probes are not free).
+            analyses[key].update(wall_s=round(time.time() - t0, 1), cpu=_cpu())
         except Exception as e:
             failed[key] = f"{type(e).__name__}: {e}"
             log.error("analysis %s failed: %s\n%s", key, e, traceback.format_exc())
@@ -1099,6 +1102,11 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
         if rec:
             diagnosis[d.key] = {**rec, "diagnosis": d.key, "same_as": run.alias_of}
     wall = sum(_full_wall(r) for r in runs)
+    # Retrains (a finished run trained again for its checkpoint) and the analyses cost too.
+    wall_again = sum(x.get("wall_s") or 0.0 for r in runs for x in r.get("retrained", []))
+    wall_analyses = sum(a.get("wall_s") or 0.0 for a in analyses.values())
+    total = wall + wall_again + wall_analyses
+    cores = os.cpu_count() or 1
     doc = {
         "study": study.name, "title": study.title, "study_file": study.source_file,
         "command": command, "updated_at": _now(), "data": study.data,
@@ -1110,10 +1118,15 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
         "selection": {k: v for k, v in planner.selection.items()},
         "summary": summary(planner, ledger), "convergence": conv,
         "analyses": analyses, "diagnosis": diagnosis, "runs": runs + kept,
-        "cost": {"machine_hours": round(wall / 3600, 3),
-                 "cpu_hours": round(wall * (os.cpu_count() or 1) / 3600, 3),
-                 "note": "sum of the finished runs' wall time on their machine (cores: "
-                         f"{os.cpu_count()}); cpu_hours = wall x cores",
+        "cost": {"machine_hours": round(total / 3600, 3),
+                 "cpu_hours": round(total * cores / 3600, 3),
+                 "runs_machine_hours": round(wall / 3600, 3),
+                 "retrain_machine_hours": round(wall_again / 3600, 3),
+                 "analyses_machine_hours": round(wall_analyses / 3600, 3),
+                 "note": "sum of the wall time on their machine (cores: "
+                         f"{cores}) of the finished runs, of their retrains and of the analyses "
+                         "(analyses finished before this was recorded count 0); "
+                         "cpu_hours = wall x cores",
                  **_estimate(planner)},
         "machine": machine_info(), "failed": failed,
     }
@@ -1274,7 +1287,9 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
     cpus = collections.Counter(r.get("cpu") or "not recorded" for r in doc["runs"])
     out.append(f"- cost so far: {cost['machine_hours']:.2f} h of wall time on the machines "
                f"({cost['cpu_hours']:.2f} CPU hours at {doc['machine'].get('cores_logical', '?')} "
-               "cores); runs per machine: "
+               f"cores): runs {cost.get('runs_machine_hours', cost['machine_hours']):.2f} h, "
+               f"retrains {cost.get('retrain_machine_hours', 0.0):.2f} h, analyses "
+               f"{cost.get('analyses_machine_hours', 0.0):.2f} h; runs per machine: "
                + ", ".join(f"{c} ({n})" for c, n in cpus.most_common()) + ".")
     if "estimated_machine_hours_total" in cost:
         out.append(f"- whole study, estimated: {cost['estimated_machine_hours_total']:.1f} h of "

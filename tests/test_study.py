@@ -239,6 +239,14 @@ def test_an_analysis_left_undone_is_finished_on_a_fresh_machine_by_retraining_it
     (again,) = rec["retrained"]
     assert again["test_top1"] == pytest.approx(bn["before/eval/top1"], abs=1e-3)
     assert f"- `{sel}`: test top-1" in (docs / "tiny.md").read_text()
+    # The retrain and the analysis are part of what the study cost.
+    cost = doc["cost"]
+    assert bn["wall_s"] > 0 and again["wall_s"] > 0
+    assert cost["retrain_machine_hours"] == pytest.approx(again["wall_s"] / 3600, abs=1e-3)
+    assert cost["analyses_machine_hours"] >= bn["wall_s"] / 3600 - 1e-3
+    assert cost["machine_hours"] == pytest.approx(
+        cost["runs_machine_hours"] + cost["retrain_machine_hours"]
+        + cost["analyses_machine_hours"], abs=2e-3)
     assert doc["analyses"]["transfer"] == ledger["analyses"]["transfer"]  # done: not redone
 
 
