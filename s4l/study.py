@@ -924,7 +924,7 @@ def run_analyses(study: Study, planner: Planner, analyses: dict[str, Any], workd
                 analyses[key] = {**bn_recompute(planner.owner(run)), "hash": h,
                                  "label": labels[key], "finished_at": _now()}
             # Its cost counts in the study's (feature extraction and probes are not free).
-            analyses[key].update(wall_s=round(time.time() - t0, 1), cpu=_cpu())
+            analyses[key].update(wall_s=round(time.time() - t0, 3), cpu=_cpu())
         except Exception as e:
             failed[key] = f"{type(e).__name__}: {e}"
             log.error("analysis %s failed: %s\n%s", key, e, traceback.format_exc())
