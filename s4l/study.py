@@ -1361,26 +1361,34 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
     if doc["diagnosis"] or doc["analyses"]:
         out.append("\n## Diagnosis\n")
         runs = {r["id"]: r for r in doc["runs"]}
-        # Each step against the diagnosed method's selected run (seed 0: the same seed as every
-        # diagnosis run) and the supervised seed-0 run; one seed each, so a difference of about
-        # the seeds' spread in the table above is noise.
+        # Each step against the diagnosed method's selected config at the step's own seed (seed
+        # 0: the selected sweep run; seed n: its final seed-n run), and the supervised seed-0
+        # run; one seed each, so a difference of about the seeds' spread above is noise.
         refs = {m: runs.get(sel.get("run")) for m, sel in doc["selection"].items()}
+
+        def ref_of(method: str, seed: int) -> dict | None:
+            return refs.get(method) if seed == 0 else runs.get(f"final/{method}/seed{seed}")
+
         sup0 = refs.get("supervised")
         diagnosed = list(dict.fromkeys(d.method for d in study.diagnosis))
-        out.append("One seed (0) per step. Δ: test top-1 minus that of the diagnosed method's "
-                   "selected seed-0 run (the reference row; for supervised's row, minus the "
-                   f"first reference, {diagnosed[0]}). A step that closes the gap to supervised "
-                   "moves Δ towards supervised's.\n")
+        out.append("One seed per step (0 unless the step names another). Δ: test top-1 minus "
+                   "that of the diagnosed method's selected config at the same seed (a reference "
+                   "row; for supervised's comparison row, minus the first reference, "
+                   f"{diagnosed[0]}). A step that closes the gap to supervised moves Δ towards "
+                   "supervised's.\n")
         out.append("| step | run | test top-1 | Δ | test top-5 | held-out top-1 |")
         out.append("|---|---|---|---|---|---|")
 
         def delta(x, ref):
             return "-" if x is None or ref is None else f"{x - ref['test_top1']:+.2f}"
 
-        for m in diagnosed:
-            ref = refs.get(m)
+        ref_rows = {(d.method, d.seed if d.kind == "train" else 0) for d in study.diagnosis}
+        for m, seed in sorted(ref_rows, key=lambda ms: (diagnosed.index(ms[0]), ms[1])):
+            ref = ref_of(m, seed)
             if ref:
-                out.append(f"| {m}, selected (the reference) | `{ref['id']}` | "
+                name = f"{m}, selected (the reference)" if seed == 0 else \
+                    f"{m}, selected, seed {seed} (the reference of seed-{seed} steps)"
+                out.append(f"| {name} | `{ref['id']}` | "
                            f"{_num(ref['test_top1'])} | 0 | {_num(ref['test_top5'])} | "
                            f"{_num(ref['heldout_top1'])} |")
         if sup0 and "supervised" not in diagnosed:
@@ -1391,9 +1399,10 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
         for d in study.diagnosis:
             rec = doc["diagnosis"].get(d.key)
             a = doc["analyses"].get(d.key)
-            ref = refs.get(d.method)
+            ref = ref_of(d.method, d.seed)
             if rec:
-                out.append(f"| {d.label} | `{rec['id']}` ({Planner.tag(rec['hyper'])}) | "
+                at = "" if d.seed == 0 else f", seed {d.seed}"
+                out.append(f"| {d.label} | `{rec['id']}` ({Planner.tag(rec['hyper'])}{at}) | "
                            f"{_num(rec['test_top1'])} | {delta(rec['test_top1'], ref)} | "
                            f"{_num(rec['test_top5'])} | {_num(rec['heldout_top1'])} |")
             elif a:

@@ -70,6 +70,12 @@ set = {{ "objective.class_rotations" = "upright" }}
 key = "at-sup"
 method = "s4l-rotation"
 hyper_of = "supervised"
+
+[[diagnosis]]
+key = "wd0-s1"
+method = "supervised"
+set = {{ "optim.weight_decay" = 0.0 }}
+seed = 1
 """
 
 
@@ -102,6 +108,7 @@ def test_every_run_records_its_own_metrics_and_the_fields_the_report_needs(tiny)
                    "sweep/s4l-rotation/lr0.01_wd0.001/seed0",
                    "sweep/s4l-rotation/lr0.1_wd0.001/seed0", "final/supervised/seed1",
                    "convergence/supervised/x2/seed0", "diagnosis/upright/seed0",
+                   "diagnosis/wd0-s1/seed1",
                    "transfer/cifar10-rotation-pretrain/seed0"}
     for r in doc["runs"]:
         if r["role"] == "transfer":
@@ -164,6 +171,13 @@ def test_diagnoses_reuse_identical_runs_and_bn_recompute_is_recorded(tiny):
     assert f"| s4l-rotation, selected (the reference) | `{ref['id']}` |" in md
     up_delta = up["test_top1"] - ref["test_top1"]
     assert "| `diagnosis/upright/seed0` (" in md and f"| {up_delta:+.2f} |" in md
+    # A step at seed 1 is read against the selected config's own seed-1 run, which gets its row.
+    s1, ref1 = doc["diagnosis"]["wd0-s1"], runs["final/supervised/seed1"]
+    assert s1["seed"] == 1 and s1["hyper"]["optim.weight_decay"] == 0.0
+    assert "| supervised, selected, seed 1 (the reference of seed-1 steps) | " \
+           "`final/supervised/seed1` |" in md
+    row = next(line for line in md.splitlines() if "`diagnosis/wd0-s1/seed1`" in line)
+    assert ", seed 1) |" in row and f"| {s1['test_top1'] - ref1['test_top1']:+.2f} |" in row
 
 
 def test_transfer_probes_both_backbones_with_the_same_forwarded_images(tiny):
@@ -187,7 +201,7 @@ def test_rerun_trains_nothing_and_the_report_alone_keeps_the_study(tiny, capsys)
 
     work = tiny["work"]
     ckpts = sorted(work.glob("**/checkpoint.pt"))
-    assert len(ckpts) == 8
+    assert len(ckpts) == 9
     before = _stamps(ckpts)
     assert main(tiny["argv"]) == 0
     assert _stamps(ckpts) == before
