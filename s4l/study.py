@@ -26,6 +26,11 @@ training runs, runs what is not finished, and writes `<report>.json`, `<report>.
   them with no label file. A dependent run's record holds its dependencies' hashes (`deps`), so
   a changed stage or teacher makes it a new run; a finished dependency whose checkpoint is not on
   this machine (only the ledger is) is retrained before a run that needs it.
+- Diagnosis: each `[[diagnosis]]` is a variant of a method's selected config (`set`, or
+  `hyper_of` another method's selected lr / wd), run at `seed` (default 0) or, with `seeds = n`,
+  at seeds `seed .. seed + n - 1`; each seed is read against the method's selected config at the
+  same seed, and several seeds add their mean ± std beside the references'. `kind =
+  "bn-recompute"` is an analysis of the selected run instead (BN statistics recomputed).
 
 Study file keys (all optional except `name`, `data`, `schedule` and `method`): see
 experiments/table1_protocol.toml, which documents each one, and experiments/table1_small.toml
@@ -116,7 +121,12 @@ class Diagnosis:
     kind: str = "train"            # "train" (a run with `set`) or "bn-recompute" (analysis)
     set: tuple[tuple[str, Any], ...] = ()
     hyper_of: str | None = None    # train with this method's selected lr / wd
-    seed: int = 0
+    seed: int = 0                  # the first seed
+    seeds: int = 1                 # how many: one run per seed, seed .. seed + seeds - 1
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.seeds))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +245,14 @@ def load_study(path: str | os.PathLike) -> Study:
             raise UserError(f"{path}: diagnosis {d['key']!r} names a method that is not in the study")
         if d.get("kind", "train") not in ("train", "bn-recompute"):
             raise UserError(f"{path}: diagnosis {d['key']!r} kind must be train or bn-recompute")
+        for k in ("seed", "seeds"):
+            if not isinstance(d.get(k, 1), int) or isinstance(d.get(k), bool) or \
+                    d.get(k, 1) < (0 if k == "seed" else 1):
+                raise UserError(f"{path}: diagnosis {d['key']!r}: {k} must be an integer "
+                                f"{'>= 0' if k == 'seed' else '>= 1'}, got {d[k]!r}")
+        if d.get("kind") == "bn-recompute" and d.get("seeds", 1) != 1:
+            raise UserError(f"{path}: diagnosis {d['key']!r}: a bn-recompute analysis reads one "
+                            "run; give it seed, not seeds")
         diags.append(Diagnosis(**{**d, "set": _pairs(d.get("set"), f"diagnosis {d['key']}.set"),
                                   "label": d.get("label", d["key"])}))
     # A pretraining stage reads no labels: only a budget of forwarded images can size it.
@@ -295,6 +313,10 @@ class Run:
         # Cached: the planner compares every new run's hash with every earlier run's, and the
         # hash reads the label file (sha256); a run's config never changes after planning.
         return portable_hash(self.config)
+
+
+def diagnosis_id(key: str, seed: int) -> str:
+    return f"diagnosis/{key}/seed{seed}"
 
 
 def portable_hash(cfg) -> str:
@@ -542,18 +564,19 @@ class Planner:
             if d.kind == "bn-recompute":
                 continue  # an analysis of a final run (run after it), not a training run
             hyper = {**src["hyper"], **dict(d.set)}
-            pairs, deps, kw, waits = self._inputs(m, d.seed)
-            self.add(f"diagnosis/{d.key}/seed{d.seed}", m, "diagnosis", d.seed,
-                     [*m.set, *src["hyper"].items(), *d.set, *pairs], hyper, diagnosis=d.key,
-                     pending=src.get("pending", False) or waits or
-                     self.selection[d.method].get("pending", False), deps=deps, **kw)
+            for seed in d.seed_list:
+                pairs, deps, kw, waits = self._inputs(m, seed)
+                self.add(diagnosis_id(d.key, seed), m, "diagnosis", seed,
+                         [*m.set, *src["hyper"].items(), *d.set, *pairs], hyper, diagnosis=d.key,
+                         pending=src.get("pending", False) or waits or
+                         self.selection[d.method].get("pending", False), deps=deps, **kw)
         return list(self.runs.values())
 
     def final_id(self, m: Method, seed: int) -> str:
+        """The id of `m`'s selected config at `seed`: seed 0 is the selected sweep run (when
+        the method has a sweep), seeds 1.. are final runs of their own."""
         sel = self.selection[m.key]
-        if seed == 0 and sel.get("run"):
-            return sel["run"]
-        return f"final/{m.key}/seed{seed}"
+        return sel["run"] if seed == 0 and sel.get("run") else f"final/{m.key}/seed{seed}"
 
     def _final(self, m: Method, seed: int, hyper: dict[str, Any], pending: bool) -> Run:
         pairs, deps, kw, waits = self._inputs(m, seed)
@@ -1095,12 +1118,33 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
                 "supervised_gain_when_doubling_epochs":
                     round(long["test_top1"] - base["test_top1"], 3) if base and long else None}
     # Diagnosis runs that are the same config as another run (e.g. a sweep point) reuse it.
+    # Each seed is read against the diagnosed method's selected config at that seed.
     diagnosis = {}
     for d in study.diagnosis:
-        run = planner.runs.get(f"diagnosis/{d.key}/seed{d.seed}")
-        rec = planner.result(run) if run else None
-        if rec:
-            diagnosis[d.key] = {**rec, "diagnosis": d.key, "same_as": run.alias_of}
+        m, by_seed, first = study.method(d.method), [], None
+        for seed in d.seed_list:
+            run = planner.runs.get(diagnosis_id(d.key, seed))
+            rec = planner.result(run) if run else None
+            if rec is None:
+                continue
+            first = first or {**rec, "diagnosis": d.key, "same_as": run.alias_of}
+            ref_run = None if planner.selection[m.key].get("pending") else \
+                planner.runs.get(planner.final_id(m, seed))
+            ref = planner.result(ref_run) if ref_run else None
+            by_seed.append({"seed": seed, "id": rec["id"], "same_as": run.alias_of,
+                            **{k: rec.get(k) for k in ("test_top1", "test_top5", "heldout_top1")},
+                            "reference": ref and ref["id"],
+                            "reference_test_top1": ref and ref["test_top1"]})
+        if first:
+            diagnosis[d.key] = {**first, "by_seed": by_seed}
+            tops = [b["test_top1"] for b in by_seed]
+            refs = [b["reference_test_top1"] for b in by_seed]
+            if len(tops) > 1:
+                diagnosis[d.key]["test_top1_mean_std"] = [round(statistics.fmean(tops), 3),
+                                                          round(statistics.stdev(tops), 3)]
+                if None not in refs:
+                    diagnosis[d.key]["reference_test_top1_mean_std"] = [
+                        round(statistics.fmean(refs), 3), round(statistics.stdev(refs), 3)]
     wall = sum(_full_wall(r) for r in runs)
     # Retrains (a finished run trained again for its checkpoint) and the analyses cost too.
     wall_again = sum(x.get("wall_s") or 0.0 for r in runs for x in r.get("retrained", []))
@@ -1361,17 +1405,14 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
     if doc["diagnosis"] or doc["analyses"]:
         out.append("\n## Diagnosis\n")
         runs = {r["id"]: r for r in doc["runs"]}
-        # Each step against the diagnosed method's selected config at the step's own seed (seed
-        # 0: the selected sweep run; seed n: its final seed-n run), and the supervised seed-0
-        # run; one seed each, so a difference of about the seeds' spread above is noise.
+        # Each step against the diagnosed method's selected config at the step's own seed (the
+        # report names that run per seed), and the supervised seed-0 run; one seed each, so a
+        # difference of about the seeds' spread above is noise.
         refs = {m: runs.get(sel.get("run")) for m, sel in doc["selection"].items()}
-
-        def ref_of(method: str, seed: int) -> dict | None:
-            return refs.get(method) if seed == 0 else runs.get(f"final/{method}/seed{seed}")
-
         sup0 = refs.get("supervised")
         diagnosed = list(dict.fromkeys(d.method for d in study.diagnosis))
-        out.append("One seed per step (0 unless the step names another). Δ: test top-1 minus "
+        out.append("One row per step and seed (0 unless the row names another); a step run at "
+                   "several seeds adds their mean ± standard deviation. Δ: test top-1 minus "
                    "that of the diagnosed method's selected config at the same seed (a reference "
                    "row; for supervised's comparison row, minus the first reference, "
                    f"{diagnosed[0]}). A step that closes the gap to supervised moves Δ towards "
@@ -1380,11 +1421,18 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
         out.append("|---|---|---|---|---|---|")
 
         def delta(x, ref):
-            return "-" if x is None or ref is None else f"{x - ref['test_top1']:+.2f}"
+            return "-" if x is None or ref is None else f"{x - ref:+.2f}"
 
-        ref_rows = {(d.method, d.seed if d.kind == "train" else 0) for d in study.diagnosis}
-        for m, seed in sorted(ref_rows, key=lambda ms: (diagnosed.index(ms[0]), ms[1])):
-            ref = ref_of(m, seed)
+        ref_rows = {}
+        for d in study.diagnosis:
+            for b in doc["diagnosis"].get(d.key, {}).get("by_seed", []):
+                if b["reference"]:
+                    ref_rows[(d.method, b["seed"])] = b["reference"]
+            if d.key in doc["analyses"]:
+                ref_rows[(d.method, d.seed)] = doc["analyses"][d.key]["run"]
+        for (m, seed), rid in sorted(ref_rows.items(),
+                                     key=lambda kv: (diagnosed.index(kv[0][0]), kv[0][1])):
+            ref = runs.get(rid)
             if ref:
                 name = f"{m}, selected (the reference)" if seed == 0 else \
                     f"{m}, selected, seed {seed} (the reference of seed-{seed} steps)"
@@ -1392,28 +1440,42 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
                            f"{_num(ref['test_top1'])} | 0 | {_num(ref['test_top5'])} | "
                            f"{_num(ref['heldout_top1'])} |")
         if sup0 and "supervised" not in diagnosed:
+            first = refs.get(diagnosed[0])
             out.append(f"| supervised, selected (for comparison) | `{sup0['id']}` | "
                        f"{_num(sup0['test_top1'])} | "
-                       f"{delta(sup0['test_top1'], refs.get(diagnosed[0]))} | "
+                       f"{delta(sup0['test_top1'], first and first['test_top1'])} | "
                        f"{_num(sup0['test_top5'])} | {_num(sup0['heldout_top1'])} |")
         for d in study.diagnosis:
-            rec = doc["diagnosis"].get(d.key)
+            rec = doc["diagnosis"].get(d.key, {})
             a = doc["analyses"].get(d.key)
-            ref = ref_of(d.method, d.seed)
-            if rec:
-                at = "" if d.seed == 0 else f", seed {d.seed}"
-                out.append(f"| {d.label} | `{rec['id']}` ({Planner.tag(rec['hyper'])}{at}) | "
-                           f"{_num(rec['test_top1'])} | {delta(rec['test_top1'], ref)} | "
-                           f"{_num(rec['test_top5'])} | {_num(rec['heldout_top1'])} |")
-            elif a:
+            if a:
                 b, af = a.get("before/eval/top1"), a.get("after/eval/top1")
                 out.append(f"| {d.label}: before | `{a['run']}` | {_num(b)} | - | "
                            f"{_num(a.get('before/eval/top5'))} | {_num(a.get('before/heldout/top1'))} |")
                 out.append(f"| {d.label}: after ({a['bn_images']:,} images) | `{a['run']}` | "
-                           f"{_num(af)} | {'-' if b is None or af is None else f'{af - b:+.2f}'} | "
+                           f"{_num(af)} | {delta(af, b)} | "
                            f"{_num(a.get('after/eval/top5'))} | {_num(a.get('after/heldout/top1'))} |")
-            else:
-                out.append(f"| {d.label} | not run yet | - | - | - | - |")
+                continue
+            done = {b["seed"]: b for b in rec.get("by_seed", [])}
+            for seed in d.seed_list:
+                at = "" if seed == 0 else f", seed {seed}"
+                b = done.get(seed)
+                if b is None:
+                    out.append(f"| {d.label}{at} | not run yet | - | - | - | - |")
+                    continue
+                out.append(f"| {d.label} | `{b['id']}` ({Planner.tag(rec['hyper'])}{at}) | "
+                           f"{_num(b['test_top1'])} | "
+                           f"{delta(b['test_top1'], b['reference_test_top1'])} | "
+                           f"{_num(b['test_top5'])} | {_num(b['heldout_top1'])} |")
+            if rec.get("test_top1_mean_std"):
+                mean, std = rec["test_top1_mean_std"]
+                ref_ms = rec.get("reference_test_top1_mean_std")
+                vs = "-" if not ref_ms else \
+                    f"{mean - ref_ms[0]:+.2f} (reference {ref_ms[0]:.2f} ± {ref_ms[1]:.2f})"
+                top5 = [b["test_top5"] for b in done.values() if b["test_top5"] is not None]
+                out.append(f"| {d.label}: mean of {len(done)} seeds | seeds "
+                           f"{', '.join(map(str, done))} | **{mean:.2f} ± {std:.2f}** | {vs} | "
+                           f"{_ms(top5)} | {_ms([b['heldout_top1'] for b in done.values()])} |")
     tr = doc["analyses"].get("transfer")
     if study.transfer:
         out.append("\n## Transfer: linear probes of frozen features on another domain\n")

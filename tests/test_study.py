@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -72,10 +73,10 @@ method = "s4l-rotation"
 hyper_of = "supervised"
 
 [[diagnosis]]
-key = "wd0-s1"
+key = "wd0"
 method = "supervised"
 set = {{ "optim.weight_decay" = 0.0 }}
-seed = 1
+seeds = 2
 """
 
 
@@ -108,7 +109,7 @@ def test_every_run_records_its_own_metrics_and_the_fields_the_report_needs(tiny)
                    "sweep/s4l-rotation/lr0.01_wd0.001/seed0",
                    "sweep/s4l-rotation/lr0.1_wd0.001/seed0", "final/supervised/seed1",
                    "convergence/supervised/x2/seed0", "diagnosis/upright/seed0",
-                   "diagnosis/wd0-s1/seed1",
+                   "diagnosis/wd0/seed0", "diagnosis/wd0/seed1",
                    "transfer/cifar10-rotation-pretrain/seed0"}
     for r in doc["runs"]:
         if r["role"] == "transfer":
@@ -171,13 +172,33 @@ def test_diagnoses_reuse_identical_runs_and_bn_recompute_is_recorded(tiny):
     assert f"| s4l-rotation, selected (the reference) | `{ref['id']}` |" in md
     up_delta = up["test_top1"] - ref["test_top1"]
     assert "| `diagnosis/upright/seed0` (" in md and f"| {up_delta:+.2f} |" in md
-    # A step at seed 1 is read against the selected config's own seed-1 run, which gets its row.
-    s1, ref1 = doc["diagnosis"]["wd0-s1"], runs["final/supervised/seed1"]
-    assert s1["seed"] == 1 and s1["hyper"]["optim.weight_decay"] == 0.0
+    # A step with seeds = 2 is a run per seed, each read against the selected config's run at
+    # its own seed (seed 0: the selected sweep run; seed 1: final/supervised/seed1).
+    wd0 = doc["diagnosis"]["wd0"]
+    sup0, ref1 = runs[doc["selection"]["supervised"]["run"]], runs["final/supervised/seed1"]
+    assert [b["seed"] for b in wd0["by_seed"]] == [0, 1]
+    assert [b["reference"] for b in wd0["by_seed"]] == [sup0["id"], ref1["id"]]
+    for b in wd0["by_seed"]:
+        rec = runs[b["id"]]
+        assert rec["seed"] == b["seed"] and rec["hyper"]["optim.weight_decay"] == 0.0
+        assert b["test_top1"] == rec["test_top1"]
+        assert b["reference_test_top1"] == runs[b["reference"]]["test_top1"]
     assert "| supervised, selected, seed 1 (the reference of seed-1 steps) | " \
            "`final/supervised/seed1` |" in md
-    row = next(line for line in md.splitlines() if "`diagnosis/wd0-s1/seed1`" in line)
+    row = next(line for line in md.splitlines() if "`diagnosis/wd0/seed1`" in line)
+    s1 = runs["diagnosis/wd0/seed1"]
     assert ", seed 1) |" in row and f"| {s1['test_top1'] - ref1['test_top1']:+.2f} |" in row
+    # Their mean ± std against the references' at the same seeds.
+    tops = [runs[f"diagnosis/wd0/seed{i}"]["test_top1"] for i in (0, 1)]
+    refs = [sup0["test_top1"], ref1["test_top1"]]
+    assert wd0["test_top1_mean_std"] == pytest.approx(
+        [statistics.fmean(tops), statistics.stdev(tops)], abs=1e-3)
+    assert wd0["reference_test_top1_mean_std"] == pytest.approx(
+        [statistics.fmean(refs), statistics.stdev(refs)], abs=1e-3)
+    mean_row = next(line for line in md.splitlines() if line.startswith("| wd0: mean of 2 seeds"))
+    mean, std = wd0["test_top1_mean_std"]
+    assert f"**{mean:.2f} ± {std:.2f}**" in mean_row
+    assert f"| {mean - wd0['reference_test_top1_mean_std'][0]:+.2f} (reference " in mean_row
 
 
 def test_transfer_probes_both_backbones_with_the_same_forwarded_images(tiny):
@@ -201,7 +222,7 @@ def test_rerun_trains_nothing_and_the_report_alone_keeps_the_study(tiny, capsys)
 
     work = tiny["work"]
     ckpts = sorted(work.glob("**/checkpoint.pt"))
-    assert len(ckpts) == 9
+    assert len(ckpts) == 10
     before = _stamps(ckpts)
     assert main(tiny["argv"]) == 0
     assert _stamps(ckpts) == before
@@ -294,6 +315,12 @@ def test_a_changed_config_does_not_pass_old_runs_off_as_its_own(tiny, tmp_path, 
     ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[sweep]\n"optim.lr" = [0.1]\n'
      '[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n[[method]]\nkey="b"\n'
      'preset="cifar10-pseudo-label-10pct"\nteacher="a"\n', "sweep = false"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[[method]]\nkey="a"\n'
+     'preset="cifar10-supervised-10pct"\n[[diagnosis]]\nkey="d"\nmethod="a"\nseeds=0\n',
+     "seeds must be an integer >= 1"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[[method]]\nkey="a"\n'
+     'preset="cifar10-supervised-10pct"\n[[diagnosis]]\nkey="d"\nmethod="a"\n'
+     'kind="bn-recompute"\nseeds=2\n', "give it seed, not seeds"),
 ])
 def test_bad_study_files_get_one_clear_line(tmp_path, text, message):
     path = tmp_path / "bad.toml"
