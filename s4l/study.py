@@ -1406,8 +1406,8 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
         out.append("\n## Diagnosis\n")
         runs = {r["id"]: r for r in doc["runs"]}
         # Each step against the diagnosed method's selected config at the step's own seed (the
-        # report names that run per seed), and the supervised seed-0 run; one seed each, so a
-        # difference of about the seeds' spread above is noise.
+        # report names that run per seed), and the supervised seed-0 run. A one-seed difference
+        # of about the seeds' spread above is noise.
         refs = {m: runs.get(sel.get("run")) for m, sel in doc["selection"].items()}
         sup0 = refs.get("supervised")
         diagnosed = list(dict.fromkeys(d.method for d in study.diagnosis))
