@@ -245,11 +245,11 @@ def load_study(path: str | os.PathLike) -> Study:
             raise UserError(f"{path}: diagnosis {d['key']!r} names a method that is not in the study")
         if d.get("kind", "train") not in ("train", "bn-recompute"):
             raise UserError(f"{path}: diagnosis {d['key']!r} kind must be train or bn-recompute")
-        for k in ("seed", "seeds"):
-            if not isinstance(d.get(k, 1), int) or isinstance(d.get(k), bool) or \
-                    d.get(k, 1) < (0 if k == "seed" else 1):
+        for k, low in (("seed", 0), ("seeds", 1)):
+            v = d.get(k, low)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise UserError(f"{path}: diagnosis {d['key']!r}: {k} must be an integer "
-                                f"{'>= 0' if k == 'seed' else '>= 1'}, got {d[k]!r}")
+                                f">= {low}, got {v!r}")
         if d.get("kind") == "bn-recompute" and d.get("seeds", 1) != 1:
             raise UserError(f"{path}: diagnosis {d['key']!r}: a bn-recompute analysis reads one "
                             "run; give it seed, not seeds")
