@@ -36,6 +36,9 @@ class Encoder:
     model_hash: str  # identifies the weights: the checkpoint's sha256 (ONNX: its source's)
     file_sha256: str  # the file itself
     has_logits: bool
+    backend: str = "torch"  # what runs the model: torch, onnxruntime or openvino
+    precision: str = "fp32"
+    parity: dict | None = None  # openvino: the parity gate's figures (s4l.service.backend_openvino)
 
     def check_layer(self, layer: str) -> str:
         aliases = {"embedding": "pre_logits"} if self.format == "checkpoint" else {"pre_logits": "embedding"}
@@ -100,8 +103,23 @@ class OnnxEncoder(Encoder):
 
     format = "onnx"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, device: str | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, device: str | None = None,
+                 backend: str = "onnxruntime", precision: str = "auto",
+                 parity_images: str | os.PathLike | None = None):
         import onnxruntime as ort
+
+        from s4l.service.backend import ModelLoadError
+        from s4l.service.backend_openvino import import_openvino, resolve_precision
+
+        if backend == "openvino":
+            if device and device.startswith("cuda"):
+                raise UserError("--backend openvino runs on the CPU; leave out --device cuda")
+            try:
+                import_openvino()  # a missing package is said before anything is loaded
+            except ModelLoadError as e:
+                raise UserError(str(e)) from None
+        elif backend != "onnxruntime":
+            raise UserError(f"unknown backend {backend!r} (onnxruntime or openvino)")
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -135,18 +153,72 @@ class OnnxEncoder(Encoder):
         self.layers = tuple(n for n in ONNX_LAYERS if n in outputs)
         self.has_logits = "logits" in outputs
         self.input_name = self.session.get_inputs()[0].name
+        self.backend = backend
+        self._run = self._run_onnxruntime
+        try:
+            if backend == "openvino":
+                self._open_openvino(precision, threads, parity_images)
+            else:
+                self.precision = resolve_precision("onnxruntime", precision, None)
+        except ModelLoadError as e:
+            raise UserError(str(e)) from None
+
+    def _open_openvino(self, precision: str, threads: int | None, parity_images) -> None:
+        """Compile for OpenVINO and pass the same parity gate as the server (against this
+        onnxruntime session in fp32), then drop the onnxruntime session."""
+        import openvino as ov
+
+        from s4l.service.backend import available_cpus
+        from s4l.service.backend_openvino import (
+            OpenVinoModel,
+            bf16_support,
+            gate_images,
+            parity_gate,
+            resolve_precision,
+        )
+
+        support = bf16_support(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        chosen = resolve_precision("openvino", precision, support)
+        images = gate_images(self.preprocess, parity_images)
+        source = "built-in" if parity_images is None else str(parity_images)
+        threads = threads or available_cpus()
+        model = OpenVinoModel(self.path, chosen, threads=threads)
+        report = parity_gate(model.run, self._run_onnxruntime, images, precision=chosen, source=source)
+        if not report.passed and chosen == "bf16" and precision == "auto":
+            log.warning("FALLBACK TO FP32: openvino bf16 failed the parity gate (%s)", report.summary())
+            model.close()
+            chosen = "fp32"
+            model = OpenVinoModel(self.path, chosen, threads=threads)
+            report = parity_gate(model.run, self._run_onnxruntime, images, precision=chosen, source=source)
+        if not report.passed:
+            raise UserError(f"openvino {chosen} disagrees with onnxruntime fp32 on {self.path}: "
+                            f"{report.summary()}")
+        log.info("openvino %s (%s) passed the parity gate: %s", chosen, support.reason, report.summary())
+        self.precision, self.parity = chosen, report.to_dict()
+        self._ov = model
+        self._run = model.run
+        self.session = None
+
+    def _run_onnxruntime(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        names = ["embedding", "logits"] if self.has_logits else ["embedding"]
+        return dict(zip(names, self.session.run(names, {self.input_name: np.ascontiguousarray(images)})))
 
     def __call__(self, images: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray | None]:
-        names = ["embedding", "logits"] if self.has_logits else ["embedding"]
-        outs = dict(zip(names, self.session.run(names, {self.input_name: np.ascontiguousarray(images)})))
+        outs = self._run(images)
         return outs[layer].astype(np.float32, copy=False), outs.get("logits")
 
 
-def open_encoder(path: str | os.PathLike, device: str | None = None) -> Encoder:
-    """A checkpoint (``*.pt`` or anything torch can read) or an ONNX model (``*.onnx``)."""
+def open_encoder(path: str | os.PathLike, device: str | None = None, backend: str = "onnxruntime",
+                 precision: str = "auto", parity_images: str | os.PathLike | None = None) -> Encoder:
+    """A checkpoint (``*.pt`` or anything torch can read) or an ONNX model (``*.onnx``); an ONNX
+    model runs on ``backend`` (onnxruntime or openvino) at ``precision`` (fp32, bf16, auto)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"model {p} does not exist")
     if p.suffix.lower() == ".onnx":
-        return OnnxEncoder(p, device=device)
+        return OnnxEncoder(p, device=device, backend=backend, precision=precision,
+                           parity_images=parity_images)
+    if backend != "onnxruntime" or precision == "bf16":
+        raise UserError(f"--backend {backend} / --precision {precision} apply to ONNX models; "
+                        f"{p} is a checkpoint (torch, fp32): export it with `s4l export` first")
     return CheckpointEncoder(p, device=device)

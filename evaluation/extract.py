@@ -31,6 +31,7 @@ from s4l import __version__
 from s4l.errors import UserError
 from s4l.evaluation.features import SCHEMA_VERSION, Rows, merge_shards, write_rows
 from s4l.imaging import ImageError, PreprocessSpec, eval_crop
+from s4l.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class ExtractConfig:
     shard_size: int = 1024
     overwrite: bool = False
     device: str | None = None  # None: CUDA (this rank's) when available, else CPU
+    backend: str = "onnxruntime"  # ONNX models: onnxruntime or openvino
+    precision: str = "auto"  # ONNX models: fp32, bf16 (openvino, native bf16 CPUs), auto
+    parity_images: str | None = None  # openvino's parity gate: a folder of images (None: built-in)
     progress: bool = True
 
 
@@ -114,7 +118,8 @@ def _extract(cfg: ExtractConfig, out: Path, dist: _Dist) -> dict:
     # -- model
     from s4l.evaluation.encoders import open_encoder
 
-    encoder = open_encoder(cfg.model, device=_device(cfg.device, dist))
+    encoder = open_encoder(cfg.model, device=_device(cfg.device, dist), backend=cfg.backend,
+                           precision=cfg.precision, parity_images=cfg.parity_images)
     layer = encoder.check_layer(cfg.layer)
     # -- plan and manifest (rank 0 prepares OUT.parts/, every rank checks it)
     parts = parts_dir(out)
@@ -140,7 +145,7 @@ def _extract(cfg: ExtractConfig, out: Path, dist: _Dist) -> dict:
         log.info("%d images in %.1fs (%.2f img/s); the model was busy %.0f%% of that time",
                  done_images, seconds, done_images / seconds, 100 * model_seconds / seconds)
     dist.barrier()
-    # -- merge (rank 0): into OUT.partial, then renamed over OUT; the parts go last
+    # -- merge (rank 0): into a temp file renamed over OUT (s4l.io.atomic_path); the parts go last
     summary = {"out": str(out), "rows": None, "errors": None, "shards": len(shards),
                "shards_skipped": len(mine) - len(todo), "images_this_run": done_images,
                "seconds": seconds, "model_seconds": model_seconds, "rank": dist.rank,
@@ -150,10 +155,8 @@ def _extract(cfg: ExtractConfig, out: Path, dist: _Dist) -> dict:
         if missing:
             raise RuntimeError(f"shards {missing[:5]} are missing after all ranks finished")
         attrs = _attrs(cfg, encoder, layer, source)
-        tmp = out.with_name(out.name + ".partial")
-        rows = merge_shards([shard_path(parts, k) for k in range(len(shards))], tmp, attrs)
-        _fsync(tmp)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            rows = merge_shards([shard_path(parts, k) for k in range(len(shards))], tmp, attrs)
         shutil.rmtree(parts)
         import h5py
 
@@ -192,6 +195,9 @@ def _manifest(cfg: ExtractConfig, encoder, layer: str, source, n: int) -> dict:
         "dim": int(feats.shape[1]),
         "logits_dim": None if logits is None else int(logits.shape[1]),
         "dtype": cfg.dtype,
+        # A resumed run must compute its rows with the same engine and precision.
+        "backend": encoder.backend,
+        "precision": encoder.precision,
         "preprocess": encoder.preprocess.to_dict(),
         "batch_size": cfg.batch_size,
         "shard_size": cfg.shard_size,
@@ -218,10 +224,7 @@ def _prepare_parts(parts: Path, manifest: dict, overwrite: bool) -> None:
         log.info("--overwrite: removing the parts of a different extraction in %s", parts)
         shutil.rmtree(parts)
     parts.mkdir()
-    tmp = mpath.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    _fsync(tmp)
-    os.replace(tmp, mpath)
+    atomic_write_json(mpath, manifest, indent=2, sort_keys=True)
 
 
 def _read_manifest_matching(parts: Path, manifest: dict) -> None:
@@ -243,16 +246,14 @@ def _attrs(cfg: ExtractConfig, encoder, layer: str, source) -> dict:
         "split": cfg.split,
         "class_names": json.dumps(list(source.classes) if source.classes is not None else None),
         "dtype": cfg.dtype,
+        "backend": encoder.backend,
+        "precision": encoder.precision,
+        "parity": json.dumps(encoder.parity, sort_keys=True),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "s4l_version": __version__,
         "extract_config": json.dumps({k: v for k, v in asdict(cfg).items()
                                       if k in ("batch_size", "shard_size")}, sort_keys=True),
     }
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,10 +348,8 @@ class _ShardBuffer:
 
 def _write_shard(parts: Path, k: int, rows: Rows) -> None:
     final = shard_path(parts, k)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    write_rows(tmp, rows, {"shard": k})
-    _fsync(tmp)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        write_rows(tmp, rows, {"shard": k})
     log.debug("shard %d: %d rows, %d errors", k, len(rows), len(rows.errors))
 
 

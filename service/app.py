@@ -53,8 +53,17 @@ def load_heads(settings: Settings, backend: Backend) -> HeadRegistry:
 
 
 def load_backend(settings: Settings) -> Backend:
+    """The backend the settings ask for. OpenVINO also passes its parity gate here (with the
+    settings' task heads), so a model that fails it never starts serving (docs/service.md)."""
     if settings.model is None:
         raise ValueError("no model: pass --model or set S4L_MODEL")
+    if settings.backend == "openvino":
+        from s4l.service.backend_openvino import open_openvino_backend
+
+        return open_openvino_backend(settings, heads=lambda b: load_heads(settings, b).heads)
+    from s4l.service.backend_openvino import resolve_precision
+
+    resolve_precision("onnxruntime", settings.precision, None)  # bf16 refused here, one line
     return OnnxBackend(settings.model, provider=settings.provider,
                        intra_op_threads=settings.intra_op_threads, model_id=settings.model_id,
                        spinning=settings.ort_spinning)
@@ -84,6 +93,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
     if galleries is None:
         galleries = load_galleries(settings.galleries, backend.info, settings.gallery_dtype)
     metrics = Metrics()
+    metrics.backend_info(getattr(backend, "backend", "onnxruntime"),
+                         getattr(backend, "precision", "fp32"), backend.provider)
     batcher = MicroBatcher(backend.run, max_batch_size=effective_max_batch_size(settings, backend),
                            max_wait_s=settings.max_wait_ms / 1000.0,
                            max_queue_images=settings.max_queue_images, observer=metrics)

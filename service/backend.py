@@ -120,6 +120,9 @@ def choose_providers(requested: str, available: list[str]) -> list[str]:
 class OnnxBackend:
     """An onnxruntime session over an ``s4l export`` file, thread pools sized to the usable CPUs."""
 
+    backend = "onnxruntime"
+    precision = "fp32"
+
     def __init__(self, path: str | os.PathLike, *, provider: str = "cpu", intra_op_threads: int = 0,
                  model_id: str | None = None, spinning: bool = False):
         import onnxruntime as ort
@@ -199,6 +202,7 @@ class DummyBackend:
                               class_names=class_names,
                               num_classes=len(class_names) if class_names else None)
         self.provider = "dummy"
+        self.backend, self.precision = "dummy", "fp32"
         self.delay_s = delay_s
         self.fail_on_value = fail_on_value
         self.batch_sizes: list[int] = []
@@ -241,7 +245,9 @@ class DummyBackend:
 
 def describe(backend: Backend) -> dict[str, Any]:
     info = backend.info
-    return {"model": info.model_id, "provider": backend.provider, "embedding_dim": info.embedding_dim,
+    return {"model": info.model_id, "provider": backend.provider,
+            "backend": getattr(backend, "backend", "onnxruntime"),
+            "precision": getattr(backend, "precision", "fp32"), "embedding_dim": info.embedding_dim,
             "num_classes": info.num_classes, "labels": info.class_names,
             "preprocess": info.preprocess.to_dict(), "input": {"name": INPUT_NAME, "dtype": "uint8",
             "shape": ["N", info.image_size, info.image_size, 3]}}

@@ -19,6 +19,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=["cpu", "cuda", "auto"],
                         help="execution provider (env S4L_PROVIDER, default cpu); cuda refuses to "
                              "start without CUDA")
+    parser.add_argument("--backend", help="onnxruntime (default) or openvino (env S4L_BACKEND; "
+                        "openvino needs pip install 's4l[openvino]')")
+    parser.add_argument("--precision", help="fp32, bf16 or auto (env S4L_PRECISION, default auto: "
+                        "bf16 on openvino where the CPU has native bf16 and the parity gate passes, "
+                        "else fp32)")
+    parser.add_argument("--parity-images", metavar="DIR",
+                        help="held-out images for openvino's parity gate (env S4L_PARITY_IMAGES; "
+                             "default: built-in crops)")
     parser.add_argument("--max-batch-size", type=int, help="env S4L_MAX_BATCH_SIZE (default 0 = auto: 2 x usable CPUs on CPU, 32 on CUDA)")
     parser.add_argument("--head", action="append", metavar="NAME=PATH",
                         help="a task head from `s4l probe` (heads/*.npz), served as "
@@ -44,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in {
         "model": args.model, "host": args.host, "port": args.port, "provider": args.provider,
+        "backend": args.backend, "precision": args.precision, "parity_images": args.parity_images,
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
         "heads": tuple(args.head) if args.head else None,
         "galleries": args.gallery, "gallery_dtype": args.gallery_dtype}.items()
@@ -66,8 +75,9 @@ def main(args: argparse.Namespace) -> int:
         backend.close()
         raise UserError(str(e)) from e
     app = create_app(settings, backend=backend, galleries=galleries)
-    log.info("serving %s on http://%s:%d (%s)", settings.model, settings.host, settings.port,
-             backend.provider)
+    log.info("serving %s on http://%s:%d (%s, %s %s)", settings.model, settings.host,
+             settings.port, backend.provider, getattr(backend, "backend", "onnxruntime"),
+             getattr(backend, "precision", "fp32"))
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=settings.graceful_shutdown_s,

@@ -34,4 +34,6 @@ async def info(state: State) -> dict[str, Any]:
         "heads": {"names": state.heads.names, "default": state.heads.default,
                   "generation": state.heads.generation},
         "galleries": [g.describe() for g in state.galleries.values()],
+        "backend_detail": state.backend.describe_backend()
+        if hasattr(state.backend, "describe_backend") else None,
     }

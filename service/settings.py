@@ -26,6 +26,13 @@ class Settings(BaseSettings):
 
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "cpu", description="cpu; cuda (refuse to start without it); auto (cuda when present)")
+    backend: Literal["onnxruntime", "openvino"] = Field(
+        "onnxruntime", description="inference engine: onnxruntime, or openvino (pip install 's4l[openvino]')")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "auto", description="openvino: bf16 (native bf16 CPUs only), fp32, or auto (bf16 where "
+        "native and within the parity gate, else fp32); onnxruntime: fp32 (auto = fp32)")
+    parity_images: Path | None = Field(
+        None, description="folder of held-out images for openvino's parity gate; unset: built-in crops")
     intra_op_threads: int = Field(0, ge=0, description="0: the CPUs this process may use")
     ort_spinning: bool = Field(
         False, description="let onnxruntime's idle threads spin (faster alone, slower beside decoding)")

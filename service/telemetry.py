@@ -29,6 +29,11 @@ class Metrics:
         self.queue = Gauge("s4l_queue_depth", "images admitted and not yet answered", registry=r)
         self.images = Counter("s4l_images", "images processed by route and outcome",
                               ["route", "outcome"], registry=r)
+        self.backend = Gauge("s4l_backend_info", "the inference backend and its precision (value 1)",
+                             ["backend", "precision", "provider"], registry=r)
+
+    def backend_info(self, backend: str, precision: str, provider: str) -> None:
+        self.backend.labels(backend, precision, provider).set(1)
 
     # BatchObserver
     def batch(self, size: int, seconds: float) -> None:
