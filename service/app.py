@@ -21,7 +21,9 @@ from s4l.service import (
     routes_health,
     routes_info,
     routes_metrics,
+    routes_openai,
     routes_search,
+    routes_v2,
 )
 from s4l.service.backend import Backend, OnnxBackend, available_cpus
 from s4l.service.batching import MicroBatcher
@@ -37,7 +39,9 @@ from s4l.service.telemetry import Metrics, MetricsMiddleware
 log = logging.getLogger(__name__)
 
 _ROUTERS = (routes_health, routes_embed, routes_classify, routes_heads, routes_search, routes_info,
-            routes_metrics)
+            routes_metrics, routes_v2, routes_openai)
+# Routers that speak another protocol (Open Inference Protocol v2, OpenAI), with its error shape.
+_PROTOCOLS = (routes_v2, routes_openai)
 
 DESCRIPTION = (
     "Embeddings and class predictions from an `s4l export` ONNX model. Images go through the "
@@ -145,7 +149,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
 
     routes = {"/openapi.json", "/docs"} | {
         r.path for m in _ROUTERS for r in m.router.routes if hasattr(r, "path")}
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       error_shapes={m.PREFIX: m.error_body for m in _PROTOCOLS})
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     return app
 

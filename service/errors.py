@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from s4l.service.limits import BodyTooLarge
 
 
 class ErrorBody(BaseModel):
@@ -62,3 +67,38 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
             504: "request timed out", 404: "unknown head", 403: "route disabled",
             409: "reload refused: a head file is bad; the old heads stay"}
     return {s: {"model": ErrorResponse, "description": text.get(s, "error")} for s in statuses}
+
+
+# A protocol's error renderer: (status, code, message) -> its JSON error object.
+ErrorShape = Callable[[int, str, str], dict]
+
+
+def protocol_route_class(shape: ErrorShape) -> type[APIRoute]:
+    """An APIRoute whose errors (ours, the API key's, body limit, validation) are written in a
+    foreign protocol's shape: the v2 and OpenAI routers share the app's dependencies and
+    limits, and their clients parse their own error objects, not ours."""
+
+    class ProtocolRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def route(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except ApiError as e:
+                    return JSONResponse(shape(e.status, e.code, e.message), e.status, e.headers)
+                except BodyTooLarge as e:
+                    return JSONResponse(shape(413, "payload_too_large", str(e)), 413,
+                                        {"Connection": "close"})
+                except RequestValidationError as e:
+                    msg = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()))}: "
+                                    f"{err.get('msg', 'invalid')}" for err in e.errors()[:5])
+                    return JSONResponse(shape(400, "invalid_request", msg or "invalid request"), 400)
+                except StarletteHTTPException as e:
+                    code = _HTTP_CODES.get(e.status_code, f"http_{e.status_code}")
+                    return JSONResponse(shape(e.status_code, code, str(e.detail)), e.status_code,
+                                        getattr(e, "headers", None))
+
+            return route
+
+    return ProtocolRoute

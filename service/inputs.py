@@ -9,6 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -56,6 +57,7 @@ class RawImage:
 
     data: bytes | None = None
     error: tuple[str, str] | None = None
+    pixels: np.ndarray | None = None  # an already-cropped uint8 [crop, crop, 3] (v2 UINT8 input)
 
 
 async def read_images(request: Request, *, max_images: int) -> list[RawImage]:
@@ -134,12 +136,17 @@ async def images_from_json(payload, max_images: int) -> list[RawImage]:
 
 
 def _b64(s: str, i: int) -> bytes:
-    if s.startswith("data:") and "," in s[:256]:  # data URL: data:image/jpeg;base64,....
-        s = s.split(",", 1)[1]
     try:
-        return base64.b64decode("".join(s.split()), validate=True)
+        return decode_base64(s)
     except (binascii.Error, ValueError) as e:
         raise ApiError(422, "malformed_base64", f"images[{i}] is not valid base64: {e}") from e
+
+
+def decode_base64(s: str) -> bytes:
+    """Base64 file bytes, bare or as a ``data:image/...;base64,`` URL (binascii.Error if not)."""
+    if s.startswith("data:") and "," in s[:256]:  # data URL: data:image/jpeg;base64,....
+        s = s.split(",", 1)[1]
+    return base64.b64decode("".join(s.split()), validate=True)
 
 
 def embeddings_from_json(payload: dict, max_vectors: int) -> list[list[float]]:

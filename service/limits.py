@@ -17,8 +17,11 @@ class BodyLimitMiddleware:
     """Refuses a declared Content-Length over the limit at once (413, nothing read) and stops
     reading a body that grows past it (the route's read raises ``BodyTooLarge`` -> 413)."""
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, error_shapes: dict | None = None):
         self.app, self.limit = app, max_body_bytes
+        # path prefix -> (status, code, message) -> error object, for routers that speak
+        # another protocol's error shape (/v2, /v1); ours otherwise.
+        self.error_shapes = error_shapes or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -30,7 +33,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > self.limit:
-                    return await _reject(send, self.limit)
+                    return await _reject(send, self.limit, self._shape(scope.get("path", "")))
         seen = 0
 
         async def _receive():
@@ -44,10 +47,19 @@ class BodyLimitMiddleware:
 
         await self.app(scope, _receive, send)
 
+    def _shape(self, path: str):
+        for prefix, shape in self.error_shapes.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return shape
+        return _ours
 
-async def _reject(send, limit: int) -> None:
-    body = json.dumps({"error": {"code": "payload_too_large",
-                                 "message": f"request body exceeds {limit} bytes"}}).encode()
+
+def _ours(status: int, code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+async def _reject(send, limit: int, shape=_ours) -> None:
+    body = json.dumps(shape(413, "payload_too_large", f"request body exceeds {limit} bytes")).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),

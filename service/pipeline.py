@@ -86,8 +86,13 @@ async def infer(raws: list[RawImage], state: ServiceState, route: str) -> list[d
 
 async def _infer(raws, state: ServiceState, route: str):
     loop = asyncio.get_running_loop()
-    pre = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, preprocess, r, state)
-                                 for r in raws))
+    # Already-cropped pixels (a v2 UINT8 tensor) skip the decode pool: no thread hop for them.
+    todo = [i for i, r in enumerate(raws) if r.pixels is None]
+    pre: list = [r.pixels for r in raws]
+    done = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, preprocess, raws[i], state)
+                                  for i in todo))
+    for i, p in zip(todo, done):
+        pre[i] = p
     good = [i for i, p in enumerate(pre) if isinstance(p, np.ndarray)]
     futures = await state.batcher.submit([pre[i] for i in good])
     try:

@@ -54,7 +54,6 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        route = path if path in self.routes else "other"  # bounded label cardinality
         status = {"code": 500}
         t0 = time.perf_counter()
 
@@ -66,5 +65,9 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, _send)
         finally:
+            # The matched route's template (/v2/models/{name}/infer), set on the scope by the
+            # router; unmatched paths count as "other" (bounded label cardinality).
+            template = getattr(scope.get("route"), "path", None)
+            route = template if template in self.routes else path if path in self.routes else "other"
             self.metrics.requests.labels(route, str(status["code"])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
