@@ -19,6 +19,7 @@ from s4l.errors import UserError
 COMMANDS: dict[str, str] = {
     "train": "s4l.training.cmd_train",
     "pseudo-label": "s4l.training.cmd_pseudo_label",
+    "import-tfhub": "s4l.training.cmd_import_tfhub",
     "extract": "s4l.evaluation.cmd_extract",
     "probe": "s4l.evaluation.cmd_probe",
     "val-study": "s4l.evaluation.cmd_val_study",

@@ -1,0 +1,2 @@
+"""The original release's TF-Hub modules as s4l checkpoints: a numpy-only TF tensor-bundle reader,
+the one-to-one name mapping, downloads from the public bucket, and the importer (issue 26)."""

@@ -1,0 +1,365 @@
+"""Where a TF-Hub module comes from: a directory, a .tar/.tar.gz/.tgz of one, or the public bucket.
+
+`open_module(src)` yields a `ModuleFiles` whose `variables` prefix can be handed to
+`TensorBundle`. Only the weights are ever taken: the graph (`saved_model.pb`) is neither
+unpacked from an archive nor downloaded, and nothing of it is read or run.
+
+Downloads (`https://...`, or `gs://bucket/path`, fetched from https://storage.googleapis.com):
+- a bucket module is listed with the Cloud Storage JSON API, which gives each object's size and
+  CRC-32C; each file is fetched over HTTPS into a cache (`$S4L_CACHE_DIR` or
+  `~/.cache/s4l/tfhub/<host>/<path>`), through a `.partial` file that a later run resumes with
+  an HTTP `Range` request; a file is moved into place only once its size and CRC-32C match;
+- a plain https URL of a module directory: `variables/variables.index` first, then the data
+  shards it names; sizes are checked against `Content-Length`, the contents by the bundle's
+  own checksums (every index block and every tensor carries one);
+- plain `http://` is refused except on loopback (tests run a real server there).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from s4l.errors import UserError
+from s4l.training.tfhub import crc32c
+
+log = logging.getLogger(__name__)
+
+GCS = "https://storage.googleapis.com"
+VARS = "variables/variables"
+INDEX = f"{VARS}.index"
+MAX_ARCHIVE_MEMBER = 16 << 30  # the 4x-wide MOAM module is ~1.5 GB
+TIMEOUT_S = 60
+RETRIES = 5
+_SHARD = re.compile(r"^variables/variables\.data-(\d{5})-of-(\d{5})$")
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+@dataclasses.dataclass
+class ModuleFiles:
+    source: str  # as the user gave it
+    root: Path  # a local folder holding variables/variables.{index,data-*}
+    kind: str  # "directory", "archive", "download"
+    url: str | None = None
+
+    @property
+    def variables(self) -> Path:
+        return self.root / VARS
+
+    def variable_files(self) -> list[Path]:
+        return sorted(self.root.glob("variables/variables.*"))
+
+
+def cache_dir() -> Path:
+    if os.environ.get("S4L_CACHE_DIR"):
+        return Path(os.environ["S4L_CACHE_DIR"]) / "tfhub"
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    return Path(base) / "s4l" / "tfhub"
+
+
+@contextlib.contextmanager
+def open_module(src: str | os.PathLike, cache: Path | None = None,
+                progress: bool = True) -> Iterator[ModuleFiles]:
+    s = str(src)
+    if s.startswith(("gs://", "https://", "http://")):
+        yield download(s, cache or cache_dir(), progress=progress)
+        return
+    p = Path(s)
+    if p.is_dir():
+        if not (p / INDEX).is_file():
+            raise UserError(f"{p} is not a TF-Hub module directory: no {INDEX} in it (a module "
+                            "holds saved_model.pb, tfhub_module.pb and variables/)")
+        yield ModuleFiles(s, p, "directory")
+        return
+    if p.is_file():
+        with tempfile.TemporaryDirectory(prefix=".s4l-tfhub-") as tmp:
+            yield ModuleFiles(s, _unpack(p, Path(tmp)), "archive")
+        return
+    raise UserError(f"{s} does not exist (expected a module directory, a .tar/.tgz of one, or "
+                    "an https:// or gs:// location)")
+
+
+# ----------------------------------------------------------------------------- archives
+
+
+def _unpack(archive: Path, dest: Path) -> Path:
+    """Extract only variables/variables.* from a module archive (one top folder or none)."""
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise UserError(f"{archive} is neither a module directory nor a readable tar archive "
+                        f"({e})") from None
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise UserError(f"archive {archive} is damaged or truncated ({e})") from None
+        roots = [m.name[: -len(INDEX)] for m in members
+                 if m.name == INDEX or m.name.endswith("/" + INDEX)]
+        if len(roots) != 1:
+            raise UserError(f"archive {archive} holds {len(roots)} TF-Hub modules (files ending "
+                            f"in {INDEX}); expected exactly one")
+        prefix = roots[0]
+        wanted = []
+        for m in members:
+            rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
+            if rel is None or not (rel == INDEX or _SHARD.match(rel)):
+                continue  # the graph and assets are never unpacked
+            if not m.isfile():
+                raise UserError(f"archive {archive}: {m.name} is not a regular file (a link or "
+                                "device); refusing it")
+            if m.size > MAX_ARCHIVE_MEMBER:
+                raise UserError(f"archive {archive}: {m.name} declares {m.size} bytes, over the "
+                                f"{MAX_ARCHIVE_MEMBER >> 30} GiB limit")
+            wanted.append((m, rel))
+        (dest / "variables").mkdir(parents=True)
+        for m, rel in wanted:
+            try:
+                f = tar.extractfile(m)
+                with f, open(dest / rel, "wb") as out:
+                    shutil.copyfileobj(f, out, 1 << 20)
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise UserError(f"archive {archive} is damaged or truncated at {m.name} "
+                                f"({e})") from None
+            if (dest / rel).stat().st_size != m.size:
+                raise UserError(f"archive {archive} is truncated: {m.name} is cut short")
+    return dest
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def _check_url(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return
+    if parts.scheme == "http" and parts.hostname in LOOPBACK:
+        return
+    raise UserError(f"{url}: only https:// (or http:// on loopback) downloads are allowed")
+
+
+def _gcs_endpoint() -> str:
+    # Tests point this at a Cloud-Storage-like server on loopback; users never need to.
+    return os.environ.get("S4L_GCS_ENDPOINT", GCS).rstrip("/")
+
+
+def _split_gcs(url: str) -> tuple[str, str] | None:
+    """(bucket, object prefix) for gs://b/p and https://storage.googleapis.com/b/p URLs."""
+    if url.startswith("gs://"):
+        rest = url[5:]
+    else:
+        base = _gcs_endpoint() + "/"
+        if not url.startswith(base) or "/storage/v1/" in url:
+            return None
+        rest = url[len(base):]
+    bucket, _, path = rest.partition("/")
+    if not bucket or not path.strip("/"):
+        raise UserError(f"{url}: expected gs://BUCKET/MODULE (e.g. gs://s4l-models/supervised_10p)")
+    return bucket, path.strip("/")
+
+
+def download(url: str, cache: Path, progress: bool = True) -> ModuleFiles:
+    if url.endswith((".tar", ".tgz", ".tar.gz")):
+        raise UserError(f"{url}: download the archive and pass the file; remote archives are "
+                        "not fetched (a bucket module is a folder: pass its gs:// path)")
+    gcs = _split_gcs(url)
+    if gcs is not None:
+        bucket, prefix = gcs
+        root = cache / "gs" / bucket / prefix
+        objects = _gcs_list(bucket, prefix)
+        if INDEX not in objects:
+            raise UserError(f"gs://{bucket}/{prefix} holds no {INDEX}; not a TF-Hub module "
+                            f"(listed {len(objects)} objects)")
+        for rel, (size, crc) in sorted(objects.items()):
+            if rel == INDEX or _SHARD.match(rel):
+                _fetch(f"{_gcs_endpoint()}/{bucket}/{urllib.parse.quote(prefix + '/' + rel)}",
+                       root / rel, size, crc, progress)
+        return ModuleFiles(url, root, "download", url=f"gs://{bucket}/{prefix}")
+    _check_url(url)
+    parts = urllib.parse.urlsplit(url.rstrip("/"))
+    root = cache / parts.netloc.replace(":", "_") / parts.path.strip("/")
+    base = url.rstrip("/")
+    _fetch(f"{base}/{INDEX}", root / INDEX, None, None, progress)
+    from s4l.training.tfhub.bundle import TensorBundle
+
+    n = _num_shards(root / INDEX)
+    for i in range(n):
+        rel = f"{VARS}.data-{i:05d}-of-{n:05d}"
+        _fetch(f"{base}/{rel}", root / rel, None, None, progress)
+    TensorBundle(root / VARS)  # parses and checks the index against the shards now
+    return ModuleFiles(url, root, "download", url=base)
+
+
+def _num_shards(index: Path) -> int:
+    from s4l.training.tfhub.bundle import _fields, _Table
+
+    for key, value in _Table(index.read_bytes(), index).items():
+        if key == b"":
+            for field, wire, v in _fields(value, lambda: f"TF bundle index {index} (header)"):
+                if field == 1 and wire == 0:
+                    if not 1 <= int(v) <= 10_000:  # type: ignore[arg-type]
+                        raise UserError(f"TF bundle index {index}: {v} shards declared")
+                    return int(v)  # type: ignore[arg-type]
+            return 1
+    raise UserError(f"TF bundle index {index}: no bundle header; not a TF tensor bundle")
+
+
+def _open(url: str, headers: dict[str, str] | None = None):
+    _check_url(url)
+    req = urllib.request.Request(url, headers={"User-Agent": "s4l-import-tfhub",
+                                               **(headers or {})})
+    try:
+        return urllib.request.urlopen(req, timeout=TIMEOUT_S)  # noqa: S310 - scheme checked
+    except urllib.error.HTTPError as e:
+        if e.code == 416:
+            return e
+        raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"{url}: {getattr(e, 'reason', e)}") from e
+
+
+def _gcs_list(bucket: str, prefix: str) -> dict[str, tuple[int, int | None]]:
+    """rel path -> (size, crc32c) of every object under prefix/, via the JSON API (paged)."""
+    out: dict[str, tuple[int, int | None]] = {}
+    token = None
+    while True:
+        q = {"prefix": prefix + "/", "fields": "items(name,size,crc32c),nextPageToken"}
+        if token:
+            q["pageToken"] = token
+        url = (f"{_gcs_endpoint()}/storage/v1/b/{urllib.parse.quote(bucket)}/o?"
+               + urllib.parse.urlencode(q))
+        try:
+            with _open(url) as r:
+                doc = json.loads(r.read(8 << 20))
+        except (ConnectionError, ValueError) as e:
+            raise UserError(f"cannot list gs://{bucket}/{prefix}: {e}") from None
+        for item in doc.get("items", []):
+            rel = item["name"][len(prefix) + 1:]
+            crc = item.get("crc32c")
+            out[rel] = (int(item["size"]),
+                        struct.unpack(">I", base64.b64decode(crc))[0] if crc else None)
+        token = doc.get("nextPageToken")
+        if not token:
+            return out
+
+
+def _file_crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = crc32c.extend(crc, chunk)
+    return crc
+
+
+def _verified(path: Path, size: int | None, crc: int | None) -> bool:
+    if not path.is_file() or (size is not None and path.stat().st_size != size):
+        return False
+    return crc is None or _file_crc(path) == crc
+
+
+def _fetch(url: str, dest: Path, size: int | None, crc: int | None, progress: bool) -> None:
+    """dest <- url, resumable through dest.partial; a no-op when a verified copy is cached."""
+    if _verified(dest, size, crc) and (size is not None or dest.stat().st_size > 0):
+        log.info("cached: %s", dest)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".partial")
+    last_error = None
+    for _attempt in range(RETRIES):
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None and have > size:
+            part.unlink()
+            have = 0
+        try:
+            total = _fetch_once(url, part, have, size, progress)
+        except ConnectionError as e:
+            last_error = e
+            log.warning("download interrupted (%s); resuming", e)
+            continue
+        got = part.stat().st_size
+        if total is not None and got < total:
+            last_error = ConnectionError(f"{url}: connection closed at {got} of {total} bytes")
+            log.warning("%s; resuming", last_error)
+            continue
+        if size is not None and got != size:
+            part.unlink()
+            raise UserError(f"{url}: downloaded {got} bytes, the listing says {size}; removed")
+        if crc is not None and _file_crc(part) != crc:
+            part.unlink()
+            raise UserError(f"{url}: CRC-32C of the download differs from the bucket's; removed "
+                            "(corrupt transfer)")
+        os.replace(part, dest)
+        return
+    raise UserError(f"{url}: download failed after {RETRIES} attempts ({last_error}); run the "
+                    f"command again to resume from {part.stat().st_size if part.exists() else 0} "
+                    "bytes")
+
+
+def _fetch_once(url: str, part: Path, have: int, size: int | None, progress: bool) -> int | None:
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    r = _open(url, headers)
+    with r:
+        status = getattr(r, "status", None) or r.getcode()
+        if status == 416:  # nothing left to fetch
+            return have
+        if status == 206:
+            m = re.match(r"bytes (\d+)-\d+/(\d+|\*)", r.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != have:
+                raise UserError(f"{url}: the server answered a resume with a bad Content-Range "
+                                f"({r.headers.get('Content-Range')!r})")
+            total = int(m.group(2)) if m.group(2) != "*" else None
+            mode = "ab"
+        else:
+            length = r.headers.get("Content-Length")
+            total = int(length) if length else None
+            have, mode = 0, "wb"
+        if size is not None and total is not None and total != size:
+            raise UserError(f"{url}: the server offers {total} bytes, the listing says {size}")
+        bar = _bar(total, have, part.name[: -len(".partial")], progress)
+        try:
+            with open(part, mode) as f:
+                while True:
+                    try:
+                        chunk = r.read(1 << 20)
+                    except (OSError, ValueError) as e:
+                        raise ConnectionError(f"{url}: {e}") from e
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        finally:
+            bar.close()
+    return total
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int | None, initial: int, name: str, progress: bool):
+    if not progress:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=f"download {name}", disable=None, leave=False)
