@@ -141,6 +141,7 @@ class OnnxEncoder(Encoder):
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
             raise UserError(f"{self.path} is not a loadable ONNX model: {e}") from e
         meta = self.session.get_modelmeta().custom_metadata_map
+        self._meta = dict(meta)
         if "s4l.preprocess" not in meta:
             raise UserError(f"{self.path} lacks s4l metadata (s4l.preprocess): export it with `s4l export`")
         try:
@@ -183,15 +184,17 @@ class OnnxEncoder(Encoder):
         source = "built-in" if parity_images is None else str(parity_images)
         threads = threads or available_cpus()
         model = OpenVinoModel(self.path, chosen, threads=threads)
-        report = parity_gate(model.run, self._run_onnxruntime, images, precision=chosen, source=source)
+        report = parity_gate(model.run, self._run_onnxruntime, images, precision=chosen,
+                             source=source, metadata=self._meta)
         if not report.passed and chosen == "bf16" and precision == "auto":
             log.warning("FALLBACK TO FP32: openvino bf16 failed the parity gate (%s)", report.summary())
             model.close()
             chosen = "fp32"
             model = OpenVinoModel(self.path, chosen, threads=threads)
-            report = parity_gate(model.run, self._run_onnxruntime, images, precision=chosen, source=source)
+            report = parity_gate(model.run, self._run_onnxruntime, images, precision=chosen,
+                             source=source, metadata=self._meta)
         if not report.passed:
-            raise UserError(f"openvino {chosen} disagrees with onnxruntime fp32 on {self.path}: "
+            raise UserError(f"openvino {chosen} failed the parity gate on {self.path}: "
                             f"{report.summary()}")
         log.info("openvino %s (%s) passed the parity gate: %s", chosen, support.reason, report.summary())
         self.precision, self.parity = chosen, report.to_dict()
