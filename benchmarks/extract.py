@@ -26,7 +26,6 @@ import logging
 import os
 import platform
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -34,27 +33,17 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
-CACHE = Path(os.environ.get("S4L_TEST_CACHE", Path.home() / ".cache" / "s4l-test-data"))
 log = logging.getLogger("bench.extract")
 
 
 def imagenette_root() -> Path:
     """Imagenette unpacked in the test cache (the same place tests/conftest.py uses)."""
-    dest = CACHE / "imagenette-224"
-    if (CACHE / ".imagenette-224.done").exists():
-        return dest
-    archive = SHARED / "imagenette-224.tar.gz"
-    if not archive.exists():
-        sys.exit(f"{archive} is absent: this benchmark needs the Imagenette JPEGs")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=CACHE))
-    with tarfile.open(archive) as tf:
-        tf.extractall(tmp, filter="data")
-    os.replace(tmp / "imagenette-224", dest)
-    tmp.rmdir()
-    (CACHE / ".imagenette-224.done").touch()
-    return dest
+    from s4l.io import shared_dataset
+
+    try:
+        return shared_dataset("imagenette-224.tar.gz", "imagenette-224")
+    except FileNotFoundError as e:
+        sys.exit(f"{e}: this benchmark needs the Imagenette JPEGs")
 
 
 def write_list(root: Path, n: int, lst: Path) -> list[str]:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from serve import build_model
-    from test_server_support import ServerProcess
+    from support.server import ServerProcess
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="s4l-bench-heads-"))
     workdir.mkdir(parents=True, exist_ok=True)

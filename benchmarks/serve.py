@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import platform
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -38,16 +37,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 log = logging.getLogger("bench.serve")
 
 
-def imagenette(cache: Path) -> Path:
-    root = cache / "imagenette-224"
-    if not (cache / ".imagenette-224.done").exists():
-        archive = ROOT.parent / "shared" / "data" / "imagenette-224.tar.gz"
-        if not archive.exists():
-            raise SystemExit(f"{archive} missing: this benchmark needs ../shared/data")
-        with tarfile.open(archive) as tf:
-            tf.extractall(cache, filter="data")
-        (cache / ".imagenette-224.done").touch()
-    return root
+def imagenette() -> Path:
+    from s4l.io import shared_dataset
+
+    try:
+        return shared_dataset("imagenette-224.tar.gz", "imagenette-224")
+    except FileNotFoundError as e:
+        raise SystemExit(f"{e}: this benchmark needs ../shared/data") from None
 
 
 def build_model(workdir: Path, calib_root: Path | None, n_calib: int, n_heldout: int,
@@ -278,13 +274,12 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    from test_server_support import ServerProcess
+    from support.server import ServerProcess
 
     from s4l.imaging import PreprocessSpec, decode_image, eval_crop
     from s4l.service.backend import available_cpus
 
-    cache = Path(os.environ.get("S4L_TEST_CACHE", Path.home() / ".cache" / "s4l-test-data"))
-    data = imagenette(cache)
+    data = imagenette()
     files = sorted((data / "val").rglob("*.JPEG"))
     files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[: args.images]]
     blobs = [f.read_bytes() for f in files]

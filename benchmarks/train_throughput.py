@@ -44,7 +44,6 @@ from s4l.training.trainer import _autocast, _train_step, build_optimizer
 
 log = logging.getLogger("train_throughput")
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 def _sync(dev: torch.device) -> None:
@@ -106,18 +105,13 @@ def measure(name: str, *, width: float, size: int, batch: int, steps: int, warmu
 def _jpeg_batches(obj, batch: int, size: int, workers: int):
     """Supervised-shaped batches from Imagenette JPEGs through the training loaders."""
     from s4l.datasets import open_source
+    from s4l.io import shared_dataset
     from s4l.training.data import make_train_loaders
 
-    root = SHARED / "imagenette-224.tar.gz"
-    cache = Path.home() / ".cache" / "s4l-test-data" / "imagenette-224"
-    if not cache.exists():
-        if not root.exists():
-            return None
-        import tarfile
-
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(root) as tf:
-            tf.extractall(cache.parent, filter="data")
+    try:
+        cache = shared_dataset("imagenette-224.tar.gz", "imagenette-224")
+    except FileNotFoundError:
+        return None
     src = open_source(str(cache), "train")
     idx = list(range(len(src)))
     data = make_train_loaders(src, idx, idx, batch_size=batch,
@@ -178,7 +172,9 @@ def main() -> int:
         obj = build_objective("supervised", ObjectiveConfig(), 10)
         it = _jpeg_batches(obj, a.batch, a.size, a.workers)
         if it is None:
-            log.info("imagenette-224.tar.gz not found under %s: JPEG run skipped", SHARED)
+            from s4l.io import shared_data_dir
+
+            log.info("imagenette-224.tar.gz not found under %s: JPEG run skipped", shared_data_dir())
         else:
             jpeg = measure("supervised", precision="fp32", batches=it, **kw)
             runs["supervised/fp32/jpeg"] = jpeg

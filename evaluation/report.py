@@ -23,6 +23,7 @@ from s4l.errors import UserError
 from s4l.evaluation.features import FeatureFile, check_pair
 from s4l.evaluation.probe import FileRows, ProbeSettings, fit_probe
 from s4l.heads import from_standardized, save_head
+from s4l.io import atomic_path, atomic_write_json
 from s4l.provenance import file_sha256
 
 log = logging.getLogger(__name__)
@@ -134,9 +135,7 @@ def _describe(ff: FeatureFile) -> dict:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2, default=_json_default, allow_nan=True)
 
 
 def _json_default(o):
@@ -186,7 +185,6 @@ def plot_learning_curves(results: Sequence[dict], path: str | os.PathLike) -> No
         ax.legend(fontsize=7)
     fig.suptitle("Linear probe on frozen features")
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

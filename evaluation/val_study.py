@@ -16,7 +16,6 @@ full-set accuracy its pick gives up (regret).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 from s4l import __version__
 from s4l.errors import UserError
+from s4l.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +163,9 @@ def plot_study(result: dict, path: str | os.PathLike) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,9 +251,7 @@ def run_val_study(models: Sequence[str], data: str, split: str, out_dir: str | o
     })
     plot_study(result, out / "val_study.png")
     result["plot"] = "val_study.png"
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, report)
+    atomic_write_json(report, result, indent=2)
     for s in result["sizes"].values():
         log.info("%d/class: Spearman %.3f, picks the best model in %.0f%% of draws, mean regret %.2f points",
                  s["per_class"], s["correlation"]["spearman"]["mean"], 100 * s["picks_best_fraction"],

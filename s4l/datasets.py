@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from collections import defaultdict
@@ -55,6 +54,7 @@ from PIL import Image
 
 from s4l.errors import UserError
 from s4l.imaging import DEFAULT_MAX_PIXELS, decode_image
+from s4l.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -454,13 +454,7 @@ def write_label_map(path: str | os.PathLike, names: Iterable[str]) -> Path:
     if not names:
         raise UserError("refusing to write an empty label map")
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"values": names}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    return p
+    return atomic_write_json(p, {"values": names})
 
 
 def label_map_names(source, indices: Iterable[int]) -> list[str]:

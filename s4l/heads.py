@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from s4l.errors import UserError
+from s4l.io import atomic_write_bytes
 from s4l.safeload import load_npz_safely, parse_json
 
 FORMAT = "s4l-head"
@@ -116,13 +117,7 @@ def save_head(path: str | os.PathLike, head: Head) -> Path:
     buf = io.BytesIO()
     np.savez(buf, weight=head.weight.astype("<f4"), bias=head.bias.astype("<f4"), meta=blob)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def load_head(path: str | os.PathLike, *, max_bytes: int = MAX_HEAD_BYTES) -> Head:

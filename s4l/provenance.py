@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tarfile
 from pathlib import Path
+
+# Moved to s4l.io (which owns the shared data sets); s4l/study.py and experiments/ still import
+# it from here until they are converted (issue 30).
+from s4l.io import unpack_once  # noqa: F401
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -16,28 +18,6 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
-
-
-def unpack_once(archive: str | os.PathLike, top: str, cache: str | os.PathLike) -> Path:
-    """Unpack `archive` (whose single top folder is `top`) into `cache` once; return cache/top.
-
-    Used for the real datasets in ../shared/data, which are read-only: a marker file says the
-    unpacking finished, and a half-unpacked folder from a killed run is replaced, never used.
-    """
-    cache = Path(cache)
-    dest, done = cache / top, cache / f".{top}.done"
-    if done.exists() and dest.exists():
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{top}.partial-{os.getpid()}"
-    with tarfile.open(archive) as tf:
-        tf.extractall(tmp, filter="data")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp / top, dest)
-    tmp.rmdir()
-    done.touch()
-    return dest
 
 
 def git_commit(where: str | os.PathLike | None = None) -> dict[str, object]:

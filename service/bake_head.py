@@ -8,16 +8,15 @@ provenance into ``s4l.head``. The model hash stays: the backbone is the same.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from s4l.errors import UserError
 from s4l.heads import Head, check
+from s4l.io import atomic_path
 
 EMBEDDING, LOGITS = "embedding", "logits"
 
@@ -83,11 +82,9 @@ def bake_head(onnx_in: str | os.PathLike, head: Head, onnx_out: str | os.PathLik
                                                  "provenance": head.provenance}, sort_keys=True)})
     onnx.checker.check_model(proto)
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{onnx_out.name}.", suffix=".tmp", dir=onnx_out.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+    with atomic_path(onnx_out) as tmp:  # renamed over onnx_out only if the parity check passes
+        onnx.save(proto, str(tmp))
+        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         batch = np.random.default_rng(seed).integers(
             0, 256, (parity_images, spec.crop, spec.crop, 3), dtype=np.uint8)
         emb, logits = sess.run([EMBEDDING, LOGITS], {"images": batch})
@@ -96,9 +93,4 @@ def bake_head(onnx_in: str | os.PathLike, head: Head, onnx_out: str | os.PathLik
         rel = err / max(float(np.abs(ref).max()), 1e-12)
         if rel > 1e-4:
             raise UserError(f"baked head disagrees with the artifact (max relative error {rel:.2e})")
-        os.replace(tmp, onnx_out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return {"max_abs_error": err, "max_rel_error": rel}

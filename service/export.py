@@ -6,11 +6,9 @@ The graph contract is in docs/contracts.md ("ONNX model").
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 import s4l
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec
+from s4l.io import atomic_path
 from s4l.training.checkpoint import config_hash, load_for_inference, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -155,25 +154,17 @@ def _export_graph(graph: torch.nn.Module, crop: int, path: Path, metadata: dict[
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros((2, crop, crop, 3), dtype=torch.uint8)
     outputs = ["embedding", "logits"] if graph.with_logits else ["embedding"]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The TorchScript exporter: deterministic, fast and handles a plain dynamic batch
-            # axis; the dynamo exporter takes ~20x longer for no gain on this static graph.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(graph, (example,), tmp, input_names=["images"],
-                              output_names=outputs, opset_version=OPSET, dynamo=False,
-                              dynamic_axes={n: {0: "N"} for n in ["images", *outputs]})
-        proto = onnx.load(tmp)
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter: deterministic, fast and handles a plain dynamic batch
+        # axis; the dynamo exporter takes ~20x longer for no gain on this static graph.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (example,), str(tmp), input_names=["images"],
+                          output_names=outputs, opset_version=OPSET, dynamo=False,
+                          dynamic_axes={n: {0: "N"} for n in ["images", *outputs]})
+        proto = onnx.load(str(tmp))
         set_metadata(proto, metadata)
         onnx.checker.check_model(proto)
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        onnx.save(proto, str(tmp))
 
 
 def set_metadata(proto, metadata: dict[str, str]) -> None:

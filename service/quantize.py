@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec, eval_crop
+from s4l.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, heldout: n
     out_path = Path(out_path)
     log.info("int8: calibrating on %d images, then comparing with fp32 on %d held-out images",
              len(calib), len(heldout))
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+    # Scratch beside the output (same file system), hidden from readers of the folder.
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
         prep = Path(tmp) / "prep.onnx"
         quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
         proto = onnx.load(str(prep))
@@ -78,15 +79,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, heldout: n
                       format="QDQ", weights="int8 per-channel", activations="uint8",
                       rewrites={"batchnorm_to_depthwise_conv": n_bn, "pad_in_uint8": n_pad})
         set_metadata(proto, {**metadata, "s4l.int8_report": _json(report)})
-        fd, final = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-        os.close(fd)
-        try:
-            onnx.save(proto, final)
-            os.replace(final, out_path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(final)
-            raise
+        with atomic_path(out_path) as final:
+            onnx.save(proto, str(final))
     log.info("int8: %s", report)
     return report
 

@@ -1,27 +1,32 @@
-"""Shared test fixtures: the real datasets in ../shared/data (unpacked to a cache) and small image trees."""
+"""Shared test fixtures: the real datasets in ../shared/data (unpacked to a cache) and small image trees.
+
+Helpers that tests import (servers, ports, image folders, hostile files) live in tests/support/.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
+from support.images import make_image_folder  # noqa: F401  (tests import it from here too)
 
-from s4l.provenance import unpack_once
+import s4l.io
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
-CACHE = Path(os.environ.get("S4L_TEST_CACHE", Path.home() / ".cache" / "s4l-test-data"))
+SHARED_DATA = s4l.io.shared_data_dir()
+CACHE = s4l.io.data_cache_dir()
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# tests/support/ holds helpers, not tests.
+collect_ignore = ["support"]
 
 
 def _unpack(name: str, top: str) -> Path:
     archive = SHARED_DATA / name
     if not archive.exists():
         pytest.skip(f"{archive} is absent (../shared/data not beside the checkout)")
-    return unpack_once(archive, top, CACHE)
+    return s4l.io.unpack_once(archive, top, CACHE)
 
 
 @pytest.fixture(scope="session")
@@ -49,24 +54,6 @@ def label_maps_dir() -> Path:
     if not d.exists():
         pytest.skip(f"{d} is absent")
     return d
-
-
-def make_image_folder(root: Path, splits=("train", "test"), classes=("a", "b", "c"),
-                      per_class=4, size=32, seed=0, fmt="JPEG") -> Path:
-    """Write a small real image-folder dataset (JPEG or PNG files) and return its root."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    ext = ".jpg" if fmt == "JPEG" else ".png"
-    for split in splits:
-        for ci, cls in enumerate(classes):
-            d = root / split / cls
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                base = np.full((size, size, 3), 40 + 70 * ci, np.uint8)
-                noise = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(base + noise).save(d / f"{cls}_{i:04d}{ext}", format=fmt)
-    return root
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from support.images import make_image_folder
 
 from s4l.datasets import open_source, training_subsets
 from s4l.errors import UserError

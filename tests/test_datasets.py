@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image_folder
 from PIL import Image
+from support.images import make_image_folder
 
 from s4l import datasets as ds
 from s4l.errors import UserError

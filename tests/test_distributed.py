@@ -8,20 +8,14 @@ BN batch (ghost BN) or with synchronised BN.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.net import free_port
 
 from s4l.training.checkpoint import read_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(workdir: Path, nproc: int, sets: list[str], steps: int = 2,
@@ -33,7 +27,7 @@ def _run(workdir: Path, nproc: int, sets: list[str], steps: int = 2,
     for s in sets:
         args += ["--set", s]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--nnodes=1", f"--master_port={_free_port()}", "-m", "s4l.cli", *args]
+           "--nnodes=1", f"--master_port={free_port()}", "-m", "s4l.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

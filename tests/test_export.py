@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make_image_folder
-from test_server_support import CLASSES, jpeg_bytes, make_checkpoint
+from support.images import make_image_folder
+from support.server import CLASSES, jpeg_bytes, make_checkpoint
 
 from s4l.cli import main as s4l_main
 from s4l.errors import UserError

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from support.images import make_image_folder
+from support.net import free_port
 
 from s4l.cli import main as cli_main
 from s4l.errors import UserError
@@ -201,12 +201,6 @@ def test_parts_of_another_extraction_are_not_mixed_in(tmp_path, ckpt, folder):
         extract(cfg)
     extract(ExtractConfig(**{**cfg.__dict__, "overwrite": True}))
     assert F.FeatureFile(out).n == 33
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_gloo_processes_match_one(tmp_path, ckpt, folder):

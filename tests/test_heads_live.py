@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import make_image_folder
-from test_server_support import ServerProcess, export_tiny
+from support.images import make_image_folder
+from support.server import ServerProcess, export_tiny
 
 from s4l.cli import main as cli_main
 from s4l.evaluation.features import FeatureFile

@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_server_support import ServerProcess, export_tiny, free_port, jpeg_bytes
+from support.net import free_port
+from support.server import ServerProcess, export_tiny, jpeg_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "docker" / "build.sh"

@@ -12,8 +12,8 @@ import h5py
 import httpx
 import numpy as np
 import pytest
-from conftest import make_image_folder
-from test_server_support import ROOT, ServerProcess, export_tiny, make_checkpoint
+from support.images import make_image_folder
+from support.server import ROOT, ServerProcess, export_tiny, make_checkpoint
 
 from s4l.service.gallery import Gallery, GalleryError, load_gallery
 

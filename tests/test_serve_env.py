@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_server_support import ROOT, ServerProcess, export_tiny, jpeg_bytes
+from support.server import ROOT, ServerProcess, export_tiny, jpeg_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_serve_extra_alone_serves_an_exported_model(tmp_path):
     assert has_doc.returncode == 0, has_doc.stderr
 
     # A /search gallery (extracted here, with torch) loads in the torch-free environment too.
-    from conftest import make_image_folder
+    from support.images import make_image_folder
 
     from s4l.evaluation.extract import ExtractConfig, extract
 

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_server_support import ROOT, jpeg_bytes
+from support.server import ROOT, jpeg_bytes
 
 from s4l.imaging import decode_image, eval_crop
 from s4l.service.app import create_app

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image, ImageOps
-from test_server_support import CLASSES, ServerProcess, export_tiny, jpeg_bytes
+from support.server import CLASSES, ServerProcess, export_tiny, jpeg_bytes
 
 from s4l.imaging import decode_image, eval_crop
 

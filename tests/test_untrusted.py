@@ -13,9 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hostile
 import numpy as np
 import pytest
+from support import hostile
 
 from s4l.errors import UserError
 
@@ -112,7 +112,7 @@ def test_new_rng_state_is_tensors_and_plain_data(tmp_path):
 
 @pytest.fixture(scope="module")
 def cmd_env(tmp_path_factory):
-    from conftest import make_image_folder
+    from support.images import make_image_folder
 
     base = tmp_path_factory.mktemp("cmd")
     data = make_image_folder(base / "data", splits=("train", "val"), per_class=3, size=32)

@@ -77,7 +77,7 @@ def test_bad_input():
 def test_command_end_to_end_on_real_checkpoints(tmp_path):
     import h5py
     import torch
-    from conftest import make_image_folder
+    from support.images import make_image_folder
     from test_extract import make_checkpoint
 
     from s4l.cli import main as cli_main

@@ -2,8 +2,9 @@
 
 The format (docs/contracts.md "Checkpoint") is one `torch.save` dict holding the model, EMA,
 optimizer, schedule position, RNG states, data-order position, the full config and provenance.
-Writes go to a temporary file in the same folder, are fsync'ed, then `os.replace`d over the
-target, so a crash or a full disk never leaves a half-written checkpoint behind.
+Writes go through `s4l.io.atomic_open` (a temp file in the same folder, fsync'ed, then
+`os.replace`d over the target), so a crash or a full disk never leaves a half-written checkpoint
+behind.
 
 A checkpoint is data, never code: it is read with `torch.load(weights_only=True)`, whose
 unpickler builds only tensors and plain Python containers/scalars, so a file whose pickle names
@@ -15,13 +16,11 @@ are the few globals that checkpoints written before this change carry (numpy's R
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec
+from s4l.io import atomic_open
 from s4l.provenance import file_sha256, git_commit
 from s4l.training.model import ModelSpec, S4LModel, build_model
 
@@ -48,23 +48,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        with contextlib.suppress(OSError):
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
     return path
 
 

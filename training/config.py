@@ -451,13 +451,9 @@ def diff(a: TrainConfig | Mapping[str, Any], b: TrainConfig | Mapping[str, Any])
 
 
 def save_json(cfg: TrainConfig, path) -> None:
-    import os
+    from s4l.io import atomic_write_json
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, to_dict(cfg), indent=2, sort_keys=True, newline=True)
 
 
 CONFIG_MAX_BYTES = 4 << 20

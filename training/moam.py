@@ -27,13 +27,13 @@ came from (path + sha256) and its final metrics; each stage also writes `source.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from s4l.errors import UserError
+from s4l.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,7 @@ def _preset_name(row: str, scale: str, smoke: bool) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2, sort_keys=True, newline=True)
 
 
 def run_moam(data: str, workdir: str | os.PathLike, *, labels: str | None = None,

@@ -22,7 +22,6 @@ samples, strictly: every image must have a label and the class lists must agree.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ import torch
 
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec, eval_crop
+from s4l.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -291,16 +291,7 @@ def _config_hash(config: dict) -> str | None:
 
 def _write_atomic(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, doc)
 
 
 def agreement(labels: Sequence[int], other: Sequence[int]) -> float:
