@@ -16,6 +16,8 @@ are no longer running.
 - :func:`atomic_open`: a file object, for writers that stream (``torch.save(obj, f)``).
 - :func:`atomic_path`: a temp path, for writers that want a file name (``onnx.save``,
   ``torch.onnx.export``, ``h5py.File(path, "w")``, ``savefig``).
+- :func:`publish`: the rename alone, for a file that keeps a stable name while it grows (a
+  resumable download's ``.partial``).
 - :func:`shared_data_dir`, :func:`data_cache_dir`, :func:`shared_dataset`, :func:`unpack_once`:
   the data sets in ``../shared/data`` (``$S4L_SHARED_DATA``), unpacked once into a cache.
 """
@@ -114,6 +116,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _discard(tmp)
         raise
+
+
+def publish(finished: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Rename a finished file over ``path`` durably (fsync it, ``os.replace``, fsync the folder).
+
+    For files that must keep a stable name while they grow, such as a resumable download's
+    ``NAME.partial``; everything else uses the helpers above, which choose the temp name.
+    """
+    _fsync_file(Path(finished))
+    _commit(Path(finished), Path(path))
+    return Path(path)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
