@@ -21,6 +21,7 @@ from __future__ import annotations
 import binascii
 import math
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,6 +100,9 @@ def parse_infer_request(body: bytes, header_length: str | None, *,
     if rid is not None and not isinstance(rid, str):
         raise ProtocolError(400, "'id' must be a string")
     params = _parameters(doc.get("parameters"), "request")
+    if params.get("sequence_id") not in (None, 0, ""):
+        raise ProtocolError(400, "the request names a sequence (sequence_id); these models are "
+                                 "stateless: send it without one")
     binary_output = params.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise ProtocolError(400, "parameters.binary_data_output must be true or false")
@@ -123,6 +127,27 @@ def parse_infer_request(body: bytes, header_length: str | None, *,
         outputs = [_requested_output(o, i, binary_output) for i, o in enumerate(doc["outputs"])]
     return InferRequest(id=rid, inputs=inputs, outputs=outputs, binary_output=binary_output,
                         parameters=params)
+
+
+def decompress(body: bytes, encoding: str, *, limit: int) -> bytes:
+    """A request body sent with ``Content-Encoding`` gzip or deflate (tritonclient's
+    ``request_compression_algorithm``), inflated to at most ``limit`` bytes (413 beyond: the
+    body limit applies to what the request really holds, not to its compressed size)."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ProtocolError(400, f"Content-Encoding {encoding[:20]!r} is not supported (gzip, "
+                                 "deflate or none)")
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ProtocolError(400, f"the body is not valid {encoding} data: {e}") from None
+    if len(out) > limit:
+        raise ProtocolError(413, f"request body exceeds {limit} bytes once decompressed")
+    if not d.eof:
+        raise ProtocolError(400, f"the {encoding} body is truncated")
+    return out
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:

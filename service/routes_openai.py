@@ -33,45 +33,45 @@ def error_body(status: int, code: str, message: str) -> dict:
 router = APIRouter(tags=["openai embeddings"], route_class=protocol_route_class(error_body))
 
 
-class _OpenAIErrorBody(BaseModel):
+class OpenAIErrorBody(BaseModel):
     message: str
     type: str
     param: str | None
     code: str | None
 
 
-class OpenAIError(BaseModel):
-    error: _OpenAIErrorBody
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorBody
 
 
-class Embedding(BaseModel):
+class OpenAIEmbedding(BaseModel):
     object: str
     index: int
     embedding: list[float] | str
 
 
-class Usage(BaseModel):
+class OpenAIUsage(BaseModel):
     prompt_tokens: int
     total_tokens: int
 
 
-class EmbeddingsResponse(BaseModel):
+class OpenAIEmbeddingsResponse(BaseModel):
     object: str
-    data: list[Embedding]
+    data: list[OpenAIEmbedding]
     model: str
-    usage: Usage
+    usage: OpenAIUsage
 
 
-class Model(BaseModel):
+class OpenAIModel(BaseModel):
     id: str
     object: str
     created: int
     owned_by: str
 
 
-class ModelList(BaseModel):
+class OpenAIModelList(BaseModel):
     object: str
-    data: list[Model]
+    data: list[OpenAIModel]
 
 
 _IMAGE = {"type": "string", "description": "a data:image/...;base64, URL or bare base64 of an "
@@ -91,10 +91,10 @@ _BODY = {
 
 
 def _errors(*statuses: int) -> dict:
-    return {s: {"model": OpenAIError, "description": "OpenAI's error object"} for s in statuses}
+    return {s: {"model": OpenAIErrorResponse, "description": "OpenAI's error object"} for s in statuses}
 
 
-@router.post(PREFIX + "/embeddings", response_model=EmbeddingsResponse, dependencies=[ApiKey],
+@router.post(PREFIX + "/embeddings", response_model=OpenAIEmbeddingsResponse, dependencies=[ApiKey],
              openapi_extra={"requestBody": _BODY},
              responses=_errors(400, 401, 404, 413, 500, 503, 504))
 async def embeddings(request: Request, state: State):
@@ -120,7 +120,7 @@ async def embeddings(request: Request, state: State):
     return JSONBody(oai.response(vectors, model=req.model, encoding_format=req.encoding_format))
 
 
-@router.get(PREFIX + "/models", response_model=ModelList, dependencies=[ApiKey],
+@router.get(PREFIX + "/models", response_model=OpenAIModelList, dependencies=[ApiKey],
             responses=_errors(401))
 async def models():
     """The models /v1/embeddings serves."""

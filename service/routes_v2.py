@@ -49,31 +49,31 @@ class V2Error(BaseModel):
     error: str
 
 
-class ServerMetadata(BaseModel):
+class V2ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
 
 
-class Tensor(BaseModel):
+class V2Tensor(BaseModel):
     name: str
     datatype: str
     shape: list[int]
 
 
-class ModelMetadata(BaseModel):
+class V2ModelMetadata(BaseModel):
     name: str
     versions: list[str]
     platform: str
-    inputs: list[Tensor]
-    outputs: list[Tensor]
+    inputs: list[V2Tensor]
+    outputs: list[V2Tensor]
 
 
-class Live(BaseModel):
+class V2Live(BaseModel):
     live: bool
 
 
-class Ready(BaseModel):
+class V2Ready(BaseModel):
     ready: bool
 
 
@@ -171,19 +171,19 @@ def _metadata(state: ServiceState, reg: HeadRegistry, name: str, head: str | Non
 
 # -- server routes ------------------------------------------------------------------------------
 
-@router.get(PREFIX, response_model=ServerMetadata, dependencies=[ApiKey], responses=_errors(401))
+@router.get(PREFIX, response_model=V2ServerMetadata, dependencies=[ApiKey], responses=_errors(401))
 async def server_metadata():
     """Server metadata: name, version and the protocol extensions implemented."""
     return {"name": "s4l", "version": s4l.__version__, "extensions": EXTENSIONS}
 
 
-@router.get(PREFIX + "/health/live", response_model=Live)
+@router.get(PREFIX + "/health/live", response_model=V2Live)
 async def live():
     """The process answers (no API key, as /healthz)."""
     return {"live": True}
 
 
-@router.get(PREFIX + "/health/ready", response_model=Ready, responses=_errors(503))
+@router.get(PREFIX + "/health/ready", response_model=V2Ready, responses=_errors(503))
 async def ready(state: State):
     """200 once the model loaded and a warm-up inference worked (as /readyz); no API key."""
     if not state.ready:
@@ -205,26 +205,26 @@ async def _model_ready(state: ServiceState, name: str, version: str | None):
     return {"ready": True}
 
 
-@router.get(PREFIX + "/models/{name}", response_model=ModelMetadata, dependencies=[ApiKey],
+@router.get(PREFIX + "/models/{name}", response_model=V2ModelMetadata, dependencies=[ApiKey],
             responses=_errors(401, 404))
 async def model_metadata(state: State, name: ModelName):
     """A model's inputs and outputs (datatype, shape; -1 = variable)."""
     return await _model_metadata(state, name, None)
 
 
-@router.get(PREFIX + "/models/{name}/versions/{version}", response_model=ModelMetadata,
+@router.get(PREFIX + "/models/{name}/versions/{version}", response_model=V2ModelMetadata,
             dependencies=[ApiKey], responses=_errors(401, 404))
 async def model_version_metadata(state: State, name: ModelName, version: ModelVersion):
     return await _model_metadata(state, name, version)
 
 
-@router.get(PREFIX + "/models/{name}/ready", response_model=Ready, dependencies=[ApiKey],
+@router.get(PREFIX + "/models/{name}/ready", response_model=V2Ready, dependencies=[ApiKey],
             responses=_errors(401, 404, 503))
 async def model_ready(state: State, name: ModelName):
     return await _model_ready(state, name, None)
 
 
-@router.get(PREFIX + "/models/{name}/versions/{version}/ready", response_model=Ready,
+@router.get(PREFIX + "/models/{name}/versions/{version}/ready", response_model=V2Ready,
             dependencies=[ApiKey], responses=_errors(401, 404, 503))
 async def model_version_ready(state: State, name: ModelName, version: ModelVersion):
     return await _model_ready(state, name, version)
@@ -250,15 +250,12 @@ async def model_version_infer(request: Request, state: State, name: ModelName,
 async def _infer(request: Request, state: ServiceState, name: str, version: str | None) -> Response:
     reg = state.heads  # this request's heads, whatever a reload does meanwhile
     head = _resolve(state, reg, name, version)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ApiError(400, "unsupported_encoding", f"Content-Encoding {encoding[:20]!r} is not "
-                       "supported; send the request uncompressed")
+    encoding = request.headers.get("content-encoding", "").strip().lower()
     body = await request.body()
-    parse = _parser(request.headers.get(oip.HEADER_LENGTH), state.settings.max_body_bytes)
+    parse = _parser(request.headers.get(oip.HEADER_LENGTH), encoding, state.settings.max_body_bytes)
     try:
         req = await asyncio.get_running_loop().run_in_executor(state.decode_pool, parse, body) \
-            if len(body) > _LARGE_BODY else parse(body)
+            if len(body) > _LARGE_BODY or encoding else parse(body)
         wanted = oip.select_outputs(req, _outputs(state, reg, head))
     except oip.ProtocolError as e:
         raise ApiError(e.status, "invalid_request", e.message) from None
@@ -286,9 +283,13 @@ async def _infer(request: Request, state: ServiceState, name: str, version: str 
     return Response(body, headers=headers)
 
 
-def _parser(header_length: str | None, max_body_bytes: int):
-    # No valid tensor holds more elements than the body has bytes (binary: >= 1 byte each).
-    return lambda body: oip.parse_infer_request(body, header_length, max_elements=max_body_bytes)
+def _parser(header_length: str | None, encoding: str, max_body_bytes: int):
+    def parse(body: bytes) -> oip.InferRequest:
+        body = oip.decompress(body, encoding, limit=max_body_bytes)
+        # No valid tensor holds more elements than the body has bytes (binary: >= 1 byte each).
+        return oip.parse_infer_request(body, header_length, max_elements=max_body_bytes)
+
+    return parse
 
 
 def _images(req: oip.InferRequest, state: ServiceState) -> tuple[list[RawImage], str]:

@@ -5,6 +5,7 @@ Every result is compared with /embed (or /classify) on the same images from the 
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import struct
 import subprocess
@@ -201,6 +202,17 @@ def test_infer_bytes_batch_of_jpegs_is_decoded_and_cropped_here(server, files, t
     np.testing.assert_allclose(result.as_numpy("embedding"), embed(server, blobs), rtol=RTOL)
 
 
+@pytest.mark.parametrize("compression", ["gzip", "deflate"])
+def test_compressed_requests_are_inflated(server, files, triton, compression):
+    blobs = blobs_of(files)
+    files_in = tritonclient_http.InferInput("image_bytes", [len(blobs)], "BYTES")
+    files_in.set_data_from_numpy(np.array(blobs, dtype=object))
+    result = triton.infer("s4l", [files_in], headers=dict(AUTH),
+                          request_compression_algorithm=compression,
+                          response_compression_algorithm=compression)
+    np.testing.assert_allclose(result.as_numpy("embedding"), embed(server, blobs), rtol=RTOL)
+
+
 def test_head_model_logits_equal_the_head_on_embed(server, files, triton):
     blobs = blobs_of(files)
     arr = np.array(blobs, dtype=object)
@@ -292,7 +304,9 @@ def _bytes_tensor(blobs: list[bytes]) -> bytes:
     ("classification", 400, "classification"),
     ("unknown_output", 400, "unknown output"),
     ("not_json", 400, "not valid JSON"),
-    ("gzip", 400, "Content-Encoding"),
+    ("brotli", 400, "Content-Encoding 'br'"),
+    ("gzip_bomb", 413, "once decompressed"),
+    ("sequence", 400, "sequence_id"),
 ])
 def test_bad_v2_requests_get_the_protocol_error(server, files, case, status, text):
     good = jpeg_bytes(seed=3)
@@ -338,9 +352,15 @@ def test_bad_v2_requests_get_the_protocol_error(server, files, case, status, tex
                            "outputs": [out]}).encode()
     elif case == "not_json":
         body = b"{not json"
-    else:
+    elif case == "brotli":
         body = b"\x1f\x8b whatever"
+        headers["Content-Encoding"] = "br"
+    elif case == "gzip_bomb":  # 20 KB on the wire, 10 MB inflated: the limit counts the latter
+        body = gzip.compress(bytes(10_000_000))
         headers["Content-Encoding"] = "gzip"
+    else:
+        body = json.dumps({"inputs": [{**one, "data": [base64.b64encode(good).decode()]}],
+                           "parameters": {"sequence_id": 7}}).encode()
     r = httpx.post(url, content=body, headers=headers, timeout=60)
     assert r.status_code == status, r.text
     assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str)
@@ -434,6 +454,7 @@ def test_protocols_share_the_batcher_and_metrics(server, files, triton, oai):
     assert len(results) == 24
     count, images = (a - b for a, b in zip(_batches(server), before))
     assert images == 24 and count < 24  # some model calls carried images of several protocols
+    assert httpx.post(server.url + "/v2/models/nope/infer", headers=dict(AUTH), content=b"{}").status_code == 404
     text = httpx.get(server.url + "/metrics", headers=dict(AUTH)).text
     for line in ('s4l_requests_total{route="/v2/models/{name}/infer",status="200"}',
                  's4l_requests_total{route="/v1/embeddings",status="200"}',
