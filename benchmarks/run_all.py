@@ -84,6 +84,11 @@ KNOWN: dict[str, Known] = {
         quick=("--duration", "3", "--windows", "2"),
         reference="/classify with one 205-class head on the same server and images, in "
                   "alternating windows (target: 4 heads < 1.05x one head per image)"),
+    "protocols": Known(
+        quick=("--images", "4", "--duration", "8", "--rounds", "2"),
+        reference="/embed multipart on the same images and server, requests interleaved one by one "
+                  "(target: a binary Open Inference Protocol v2 request >= 0.95x; JSON UINT8 data "
+                  "may be slower, by the ratio shown)"),
     "search": Known(
         quick=("--rows", "20000", "--windows", "1"),
         reference="a bare numpy float32 q @ M.T over the same unit rows, in alternating windows "

@@ -16,11 +16,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
-
-try:
-    from support.server import ROOT, ServerProcess, export_tiny, jpeg_bytes
-except ImportError:  # before the tests/support/ move lands
-    from test_server_support import ROOT, ServerProcess, export_tiny, jpeg_bytes
+from support.server import ROOT, ServerProcess, export_tiny, jpeg_bytes
 
 from s4l.heads import Head, save_head
 from s4l.imaging import PreprocessSpec, decode_image, eval_crop

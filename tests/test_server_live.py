@@ -333,8 +333,9 @@ def test_schemathesis_finds_no_server_errors(server, reference):
             except Unsatisfiable:
                 # Nothing to get wrong (no parameters or body): no negative cases exist.
                 assert mode == GenerationMode.NEGATIVE, op.label
-    # 6 routes + GET /heads, POST /admin/reload-heads, POST /search
-    assert len(seen) == 9 and all(seen.values())
+    # 6 routes + GET /heads, POST /admin/reload-heads, POST /search; Open Inference Protocol v2:
+    # 7 GET + 2 POST (with and without /versions/{version}); OpenAI: POST /v1/embeddings, GET /v1/models
+    assert len(seen) == 20 and all(seen.values())
     assert_healthy(server, reference)
 
 
