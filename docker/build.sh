@@ -106,7 +106,7 @@ make_base() {
 # The requirements of one image, one per line (docker/requirements.py reads pyproject.toml).
 reqs() {
     case $1 in
-        serve) "$HOSTPY" docker/requirements.py serve ;;
+        serve) "$HOSTPY" docker/requirements.py serve openvino ;;  # the Dockerfile's EXTRAS
         serve-gpu) "$HOSTPY" docker/requirements.py serve --without onnxruntime; echo "$ORT_GPU" ;;
         train) echo "torch==${S4L_TRAIN_TORCH:-2.13.0}"; "$HOSTPY" docker/requirements.py train eval export --without torchvision ;;
     esac

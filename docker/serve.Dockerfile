@@ -7,20 +7,23 @@
 # Build arguments:
 #   BASE_IMAGE  any Debian/Ubuntu-like image with python3 (>= 3.11) and its venv module
 #   PIP_OFFLINE=1  install only from docker/wheelhouse (pip --no-index), e.g. behind a proxy
+#   EXTRAS       the s4l extras installed (default "serve openvino": onnxruntime and the OpenVINO
+#                backend, S4L_BACKEND=openvino; "serve" alone is ~180 MB smaller, docker/README.md)
 # tests/test_images.py builds and runs this image against a real engine (docker/build.sh).
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
 ARG PIP_OFFLINE=0
+ARG EXTRAS="serve openvino"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY docker/wheelhouse /wheelhouse
 COPY pyproject.toml README.md ./
 COPY docker/requirements.py ./docker/
-# The serve extra's dependencies first (a layer that survives source edits), then s4l itself.
+# The extras' dependencies first (a layer that survives source edits), then s4l itself.
 RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
  && python3 -m venv /opt/s4l \
- && python3 docker/requirements.py serve > /tmp/req.txt \
+ && python3 docker/requirements.py $EXTRAS > /tmp/req.txt \
  && /opt/s4l/bin/pip install -q "$@" -r /tmp/req.txt
 COPY s4l ./s4l
 COPY training ./training
