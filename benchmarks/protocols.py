@@ -9,7 +9,7 @@ requests) is divided by that round's /embed images/s, and the median over rounds
 - ``embed_multipart``: POST /embed, the files as multipart parts (the reference);
 - ``v2_binary_bytes``: POST /v2/models/s4l/infer, input ``image_bytes`` BYTES [N] of the same
   files, binary tensor extension both ways (the like-for-like request: same decode and crop);
-- ``v2_binary_uint8``: input ``images`` UINT8 [N,224,224,3], the same images cropped by the
+- ``v2_binary_uint8``: input ``images`` UINT8 [N,H,W,3], the same images cropped by the
   client beforehand (Triton's way: no decoding on the server), binary both ways;
 - ``v2_json_uint8``: the same pixels as JSON ``data`` (nested lists), output as JSON;
 - ``openai_base64``: POST /v1/embeddings, the files as data URLs, base64 output.
@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=8, help="images per request (N)")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds per round")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (a ratio each; median reported)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the tests' tiny model (width 1/16, 32 px) instead of ResNet50v2 at 224: "
+                         "inference then costs little, so the request path itself is compared")
     ap.add_argument("--workdir", default=None, help="reuse the exported model here")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -121,19 +124,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from heads import jpegs
     from serve import build_model
-    from support.server import ServerProcess
+    from support.server import ServerProcess, export_tiny
 
     from s4l.imaging import PreprocessSpec, decode_image, eval_crop
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="s4l-bench-protocols-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model, _ = build_model(workdir, None, 0, 0, reuse=True)
+    if args.tiny:
+        model = workdir / "tiny.onnx" if (workdir / "tiny.onnx").exists() else export_tiny(workdir)
+        model_name = "tiny s4l test model (ResNet50v2 width 1/16, 32 px), fp32 onnxruntime CPU"
+    else:
+        model, _ = build_model(workdir, None, 0, 0, reuse=True)
+        model_name = "ResNet50v2 width 1, 224 px, untrained, fp32 onnxruntime CPU"
     blobs = jpegs(args.images, size=320)
-    crops = np.stack([eval_crop(decode_image(b), PreprocessSpec()) for b in blobs])
     env = {"S4L_MAX_IMAGES_PER_REQUEST": str(max(64, args.images))}
     times: dict[str, list[float]] = {}
     with ServerProcess(model, env=env, log=workdir / "server.log") as srv:
         info = httpx.get(srv.url + "/info").json()
+        spec = PreprocessSpec.from_dict(info["preprocess"])
+        crops = np.stack([eval_crop(decode_image(b), spec) for b in blobs])
         reqs = bodies(blobs, crops, srv.url)
         with httpx.Client(timeout=300) as c:
             ref = None
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "loadavg": [round(x, 2) for x in os.getloadavg()],
                     "python": platform.python_version()},
-        "model": "ResNet50v2 width 1, 224 px, untrained, fp32 onnxruntime CPU",
+        "model": model_name,
         "server": {"batching": info["batching"], "threads": info["threads"]},
         "images_per_request": args.images, "round_s": args.duration, "rounds": args.rounds,
         "images_per_s": times,
