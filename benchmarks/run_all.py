@@ -84,6 +84,15 @@ KNOWN: dict[str, Known] = {
         quick=("--duration", "3", "--windows", "2"),
         reference="/classify with one 205-class head on the same server and images, in "
                   "alternating windows (target: 4 heads < 1.05x one head per image)"),
+    "backends": Known(
+        quick=("--width", "0.25", "--duration", "2", "--rounds", "1", "--concurrency", "1,8",
+               "--images", "16", "--extract-n", "32", "--calibration-images", "16",
+               "--heldout-images", "16"),
+        full=("--duration", "12", "--rounds", "2"),
+        reference="raw onnxruntime fp32 on the same crops (batch 8), in alternating windows, for "
+                  "each engine raw, served /embed at 1/8/32 clients and s4l extract (targets on a "
+                  "bf16 CPU: served OpenVINO bf16 >= 1.8x at 8 clients, int8 on the faster "
+                  "backend >= 3.5x)"),
     "protocols": Known(
         quick=("--images", "4", "--duration", "8", "--rounds", "2"),
         reference="/embed multipart on the same images and server, requests interleaved one by one "
@@ -94,6 +103,18 @@ KNOWN: dict[str, Known] = {
         reference="a bare numpy float32 q @ M.T over the same unit rows, in alternating windows "
                   "(Gallery.search queries/s over matmul queries/s; target >= 0.8); RSS per row"),
 }
+# docs/benchmarks.md below this line is written by hand (tables with context a JSON report does
+# not carry) and kept when the runner rewrites the generated part above it.
+KEEP_MARKER = "<!-- hand-written below: kept by benchmarks/run_all.py -->"
+
+
+def write_doc(path: Path, text: str) -> None:
+    old = path.read_text() if path.exists() else ""
+    if KEEP_MARKER in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(KEEP_MARKER):]
+    path.write_text(text)
+
+
 # Field names that hold a ratio ("iterations" and "duration" contain "ratio" but are not one).
 RATIO_KEY = re.compile(r"(?:^|_)ratios?(?:_|$)|_over_|_vs_|speedup", re.I)
 
@@ -325,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in summary["benchmarks"]:
             b["ratios"] = ratios(b.get("report"))
         path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        Path(args.doc).write_text(render(summary))
+        write_doc(Path(args.doc), render(summary))
         log.info("re-rendered %s from %s", args.doc, path)
         return 0
     scripts = discover([s.strip() for s in args.only.split(",")] if args.only else None)
@@ -361,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.doc).write_text(render(summary))
+    write_doc(Path(args.doc), render(summary))
     log.info("wrote %s and %s", args.doc, out_dir / "summary.json")
     bad = [b["name"] for b in records if b["status"] not in ("ok", "skipped")]
     if bad:
