@@ -48,6 +48,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -150,6 +151,7 @@ class Study:
     transfer: dict[str, Any] | None = None  # {backbone, baseline_preset, data, schedules}
     stage_schedule: dict[str, Any] | None = None  # pretraining stages' {"images": N} (default:
                                                   # the study's schedule)
+    curve_points: int = 0          # held-out evaluations per run (a learning curve); 0: at the end
 
     def method(self, key: str) -> Method:
         for m in self.methods:
@@ -183,7 +185,7 @@ def load_study(path: str | os.PathLike) -> Study:
     known = {"name", "title", "data", "labels_per_class", "label_seed", "heldout_per_class",
              "schedule", "method", "sweep", "set", "convergence", "diagnosis", "report",
              "label_file", "notes", "transfer",
-             "stage_schedule"}
+             "stage_schedule", "curve_points"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
@@ -260,8 +262,18 @@ def load_study(path: str | os.PathLike) -> Study:
         raise UserError(f"{path}: a pretraining stage has no labelled epochs; with schedule "
                         f"{sched!r}, give the stages a budget: stage_schedule = {{images = N}}")
     conv = raw.get("convergence")
-    if conv is not None and (conv.get("method") not in keys or not conv.get("factor", 2) > 1):
-        raise UserError(f"{path}: convergence needs a study method and a factor > 1, got {conv}")
+    if conv is not None:
+        # `method = "m"` (one arm) or `methods = ["m", ...]` (every arm of a comparison).
+        arms = conv.get("methods", [conv.get("method")] if "method" in conv else [])
+        if (not isinstance(conv, dict) or ("method" in conv) == ("methods" in conv)
+                or not arms or any(a not in keys for a in arms) or len(set(arms)) != len(arms)
+                or not conv.get("factor", 2) > 1):
+            raise UserError(f"{path}: convergence needs method (or methods, a list) naming study "
+                            f"methods and a factor > 1, got {conv}")
+        conv = {"methods": list(arms), "factor": conv.get("factor", 2)}
+    curve_points = raw.get("curve_points", 0)
+    if isinstance(curve_points, bool) or not isinstance(curve_points, int) or curve_points < 0:
+        raise UserError(f"{path}: curve_points must be an integer >= 0, got {curve_points!r}")
     transfer = raw.get("transfer")
     if transfer is not None:
         if transfer.get("backbone") not in keys or "baseline_preset" not in transfer:
@@ -279,7 +291,7 @@ def load_study(path: str | os.PathLike) -> Study:
         label_file=(str((path.parent / raw["label_file"]).resolve()) if raw.get("label_file")
                     else None),
         notes=raw.get("notes", ""), source_file=str(path),
-        stage_schedule=dict(stage_sched) if stage_sched else None)
+        stage_schedule=dict(stage_sched) if stage_sched else None, curve_points=curve_points)
     # Every override must be a config key with a valid value: check on one preset now.
     probe = get_preset(methods[0].preset).config
     for pairs in (study.common, *(m.set for m in methods), *(d.set for d in diags)):
@@ -317,6 +329,10 @@ class Run:
 
 def diagnosis_id(key: str, seed: int) -> str:
     return f"diagnosis/{key}/seed{seed}"
+
+
+def convergence_id(method: str, factor: float) -> str:
+    return f"convergence/{method}/x{factor:g}/seed0"
 
 
 def portable_hash(cfg) -> str:
@@ -377,14 +393,24 @@ def _steps(cfg, study: Study, counts: dict[str, int], schedule: dict[str, Any]):
     o = cfg.optim
     epochs = steps / spe
     f = epochs / o.total_epochs
+    # A learning curve: `curve_points` evenly spaced held-out evaluations (the last is the final
+    # one); the test split is read once, at the end. Without it: one evaluation, at the end.
+    points = study.curve_points if study.curve_points and obj.uses_labelled else 0
+    evals = [("eval.every_epochs", epochs / points), ("eval.intermediate", "heldout"),
+             # a train record at least once per curve point (an execution-only field)
+             ("log_every_steps", max(1, min(cfg.log_every_steps, steps // points)))] \
+        if points else [("eval.every_epochs", epochs)]
     cfg = C.apply_overrides(cfg, [
         ("optim.warmup_epochs", round(o.warmup_epochs * f, 6)),
         ("optim.decay_epochs", [round(e * f, 6) for e in o.decay_epochs]),
         ("optim.total_epochs", epochs), ("optim.total_steps", steps),
-        ("eval.every_epochs", epochs), ("checkpoint.every_epochs", epochs),
+        *evals, ("checkpoint.every_epochs", epochs),
         ("checkpoint.every_steps", max(1, steps // 10)),
     ])
-    return cfg, {"steps": steps, "images_per_step": per_step, "labelled_batch": b_l,
+    # Passes over the unlabelled images (S4L_REFERENCE.md: the release's 10% setting gives its
+    # self-supervised stream 20); 0 for an objective that reads no unlabelled batch.
+    passes = steps * b_u / counts["train"] if obj.uses_unlabelled and b_u else 0.0
+    return cfg, {"unlabelled_passes": round(passes, 3),"steps": steps, "images_per_step": per_step, "labelled_batch": b_l,
                  "unlabelled_batch": b_u, "images": steps * per_step, "steps_per_epoch": spe,
                  "labelled_epochs": round(epochs, 3) if obj.uses_labelled else None,
                  "objective": cfg.objective.name}
@@ -541,13 +567,13 @@ class Planner:
                 if seed == 0 and sel.get("run"):
                     continue  # the selected sweep run is the final run of seed 0
                 self._final(m, seed, hyper, pending)
-        if s.convergence:
-            m = s.method(s.convergence["method"])
+        for key in (s.convergence or {}).get("methods", []):
+            m = s.method(key)
             sel = self.selection[m.key]
-            factor = s.convergence.get("factor", 2)
+            factor = s.convergence["factor"]
             sched = {k: v * factor for k, v in s.schedule.items()}
             pairs, deps, kw, waits = self._inputs(m, 0)
-            self.add(f"convergence/{m.key}/x{factor:g}/seed0", m, "convergence", 0,
+            self.add(convergence_id(m.key, factor), m, "convergence", 0,
                      [*m.set, *sel["hyper"].items(), *pairs], sel["hyper"], schedule=sched,
                      pending=sel.get("pending", False) or waits, deps=deps, **kw)
         if s.transfer:
@@ -652,6 +678,9 @@ def record_of(run: Run, metrics: dict[str, Any], wall_s: float | None,
            "heldout_top1": get("heldout/top1"), "heldout_top5": get("heldout/top5"),
            "test_top1": get("eval/top1"), "test_top5": get("eval/top5"),
            "test_top1_rotation_averaged": get("eval/top1_rotation_averaged"),
+           "test_top5_rotation_averaged": get("eval/top5_rotation_averaged"),
+           "heldout_top1_rotation_averaged": get("heldout/top1_rotation_averaged"),
+           "unlabelled_passes": run.budget.get("unlabelled_passes"),
            "wall_s": None if wall_s is None else round(wall_s, 1),
            "loadavg_end": round(os.getloadavg()[0], 2),
            "finished_at": _now(), "host": platform.node(), "cpu": _cpu(),
@@ -662,7 +691,39 @@ def record_of(run: Run, metrics: dict[str, Any], wall_s: float | None,
         rec["wall_s_full"] = round(wall_s * run.budget["steps"] / max(done, 1), 1)
     if run.dep_hashes:  # the stage / teacher this run was made from (its identity, with `hash`)
         rec["deps"] = dict(run.dep_hashes)
+    if run.config.eval.intermediate == "heldout":  # a study with curve_points
+        rec["curve"] = curve_of(run.workdir)
     return rec
+
+
+# Train-record keys that are bookkeeping, not measurements of the model.
+_NOT_CURVE = {"step", "epoch", "lr", "images_per_s", "images_per_step", "kind", "time"}
+
+
+def curve_of(workdir: Path) -> list[dict[str, Any]]:
+    """The run's learning curve from its metrics.jsonl: one point per held-out evaluation (the
+    last is the final one), each with the training metrics averaged over the steps since the
+    previous point (train_loss_class, train_loss_rotation, train_acc_rotation, ...)."""
+    from s4l.training.trainer import read_metrics
+
+    points, window = [], []
+    for rec in read_metrics(workdir):
+        kind = rec.get("kind")
+        if kind == "train":
+            window.append(rec)
+        elif kind in ("eval", "final") and rec.get("heldout/top1") is not None:
+            pt: dict[str, Any] = {"step": int(rec["step"]), "epoch": round(float(rec["epoch"]), 3)}
+            for k in ("top1", "top5", "top1_rotation_averaged"):
+                if rec.get(f"heldout/{k}") is not None:
+                    pt[f"heldout_{k}"] = round(float(rec[f"heldout/{k}"]), 3)
+            keys = sorted({k for r in window for k, v in r.items()
+                           if k not in _NOT_CURVE and isinstance(v, (int, float))})
+            for k in keys:
+                vals = [float(r[k]) for r in window if isinstance(r.get(k), (int, float))]
+                pt[f"train_{k}"] = round(statistics.fmean(vals), 5)
+            points.append(pt)
+            window = []
+    return points
 
 
 # What a retrain (a finished run trained again on a machine without its checkpoint) adds to
@@ -1078,8 +1139,10 @@ def summary(planner: Planner, ledger: dict[str, dict]) -> list[dict[str, Any]]:
                     "selected": None if sel.get("pending") else sel["hyper"],
                     **{k: [r[k] for r in recs if r.get(k) is not None]
                        for k in ("test_top1", "test_top5", "heldout_top1",
-                                 "test_top1_rotation_averaged")},
+                                 "test_top1_rotation_averaged", "test_top5_rotation_averaged",
+                                 "heldout_top1_rotation_averaged")},
                     "images_per_run": first.budget["images"],
+                    "unlabelled_passes": first.budget.get("unlabelled_passes"),
                     "earlier_stages": [d.rsplit("/", 1)[0] for d in first.deps],
                     "earlier_stage_images": sum(planner.runs[d].budget["images"]
                                                 for d in first.deps),
@@ -1103,20 +1166,7 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
     # Keep finished runs of the ledger that today's plan does not hold (another config).
     planned = {r["id"] for r in runs}
     kept = [dict(r, final=False, stale=True) for i, r in ledger.items() if i not in planned]
-    conv = None
-    if study.convergence:
-        m = study.method(study.convergence["method"])
-        f = study.convergence.get("factor", 2)
-        base, long = (planner.result(planner.runs[planner.final_id(m, 0)])
-                      if planner.final_id(m, 0) in planner.runs else None,
-                      planner.result(planner.runs[f"convergence/{m.key}/x{f:g}/seed0"]))
-        if planner.selection[m.key].get("pending"):
-            base = long = None  # no config is selected yet
-        conv = {"method": m.key, "factor": f,
-                "labelled_epochs": [base and base["labelled_epochs"], long and long["labelled_epochs"]],
-                "test_top1": [base and base["test_top1"], long and long["test_top1"]],
-                "supervised_gain_when_doubling_epochs":
-                    round(long["test_top1"] - base["test_top1"], 3) if base and long else None}
+    conv = convergence_report(study, planner)
     # Diagnosis runs that are the same config as another run (e.g. a sweep point) reuse it.
     # Each seed is read against the diagnosed method's selected config at that seed.
     diagnosis = {}
@@ -1177,9 +1227,40 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
     _write_json(report.with_suffix(".json"), doc)
     try:
         plot(doc, report.with_suffix(".png"))
+        if study.curve_points:
+            plot_curves(doc, report.with_name(report.name + "_curves.png"))
     except Exception as e:  # the plot must not lose the numbers
         log.warning("plot failed: %s", e)
     report.with_suffix(".md").write_text(markdown(doc, study, report.with_suffix(".png").name))
+
+
+def convergence_report(study: Study, planner: Planner) -> list[dict[str, Any]]:
+    """Per arm of `[convergence]`: the selected config at seed 0 at the study's schedule and at
+    `factor` times it; the arm passes when held-out top-1 moves by less than 1 point."""
+    out = []
+    for key in (study.convergence or {}).get("methods", []):
+        m = study.method(key)
+        f = study.convergence["factor"]
+        base, long = (planner.result(planner.runs[planner.final_id(m, 0)])
+                      if planner.final_id(m, 0) in planner.runs else None,
+                      planner.result(planner.runs[convergence_id(m.key, f)]))
+        if planner.selection[m.key].get("pending"):
+            base = long = None  # no config is selected yet
+
+        def pair(k):
+            return [base and base.get(k), long and long.get(k)]
+
+        def gain(k):
+            a, b = pair(k)
+            return round(b - a, 3) if a is not None and b is not None else None
+
+        held = gain("heldout_top1")
+        out.append({"method": m.key, "factor": f, "labelled_epochs": pair("labelled_epochs"),
+                    "steps": pair("steps"), "unlabelled_passes": pair("unlabelled_passes"),
+                    "heldout_top1": pair("heldout_top1"), "test_top1": pair("test_top1"),
+                    "gain_when_doubling": gain("test_top1"), "heldout_gain_when_doubling": held,
+                    "converged": None if held is None else abs(held) < 1.0})
+    return out
 
 
 def _estimate(planner: Planner) -> dict[str, Any]:
@@ -1224,6 +1305,54 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         _plot_sweep(axes[0][1], doc, rows, sweep)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+CURVE_PANELS = (("heldout_top1", "held-out top-1 (%)"),
+                ("train_loss_class", "train class loss"),
+                ("train_loss_rotation", "train rotation loss"),
+                ("train_acc_rotation", "train rotation accuracy"))
+
+
+def curve_runs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs whose curves the page shows: every final run (every arm, every seed) and every
+    convergence run."""
+    return [r for r in doc["runs"] if r.get("curve") and not r.get("stale")
+            and (r.get("final") or r["role"] == "convergence")]
+
+
+def plot_curves(doc: dict[str, Any], path: Path) -> None:
+    """One panel per measurement (held-out top-1, class loss, rotation loss and accuracy) against
+    labelled epochs; a colour per method, a line per seed, dashed for the doubled schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = curve_runs(doc)
+    methods = list(dict.fromkeys(r["method"] for r in doc["summary"]))
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(18, 4.2), squeeze=False)
+    for ax, (key, name) in zip(axes[0], CURVE_PANELS):
+        for r in runs:
+            pts = [p for p in r["curve"] if p.get(key) is not None]
+            if not pts:
+                continue
+            spe = r["steps"] / max(r.get("labelled_epochs") or 1, 1e-9)
+            xs = [p["step"] / spe for p in pts]
+            colour = f"C{methods.index(r['method']) % 10}" if r["method"] in methods else "0.5"
+            conv = r["role"] == "convergence"
+            ax.plot(xs, [p[key] for p in pts], color=colour, alpha=0.85, lw=1.4,
+                    ls="--" if conv else "-", marker="." if not conv else None,
+                    label=f"{r['method']} s{r['seed']}" + (" (2x)" if conv else ""))
+        ax.set_xlabel("labelled epochs")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if not runs:
+            ax.text(0.5, 0.5, "no curves yet", transform=ax.transAxes, ha="center", color="0.4")
+    if runs:
+        axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -1297,6 +1426,110 @@ def orderings(rows: list[dict[str, Any]]) -> list[str]:
             verdict = ("holds" if d > 0 else "reversed") + f" (beyond the largest std, {spread:.2f})"
         out.append(f"{by[a]['label']} minus {by[b]['label']}: **{d:+.2f}** points of test top-1 "
                    f"({len(xa)} vs {len(xb)} seeds): {verdict}. Paper: {paper}.")
+    return out
+
+
+def diff_se(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None]:
+    """mean(a) - mean(b) and its standard error sqrt(s_a^2/n_a + s_b^2/n_b) (None below 2
+    seeds on either side)."""
+    d = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return d, None
+    return d, math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+
+
+def readings_section(doc: dict[str, Any], study: Study) -> list[str]:
+    """Both readings of the rotation-family rows (rotation-0 and rotation-averaged, top-1 and
+    top-5), each row's difference to supervised with its standard error, and the decision rule
+    (a gain beyond twice its standard error, held-out agreeing)."""
+    rows = doc["summary"]
+    sup = next((r for r in rows if r["method"] == "supervised"), None)
+    if not study.curve_points or not any(r.get("test_top1_rotation_averaged") for r in rows):
+        return []
+    out = ["\n## Both readings, and the difference to supervised\n",
+           "Rotation-0: the class head on the upright image (the table above). Rotation-"
+           "averaged: the mean of the class logits over the 4 rotations (the release reports "
+           "both). Mean ± standard deviation over seeds; Δ: minus supervised's mean, ± its "
+           "standard error sqrt(s²/n + s²/n).\n",
+           "| method | unlabelled passes | test top-1 | test top-5 | top-1 rot.-averaged | "
+           "top-5 rot.-averaged | Δ top-1 | Δ top-1 rot.-averaged | Δ held-out top-1 |",
+           "|---|---|---|---|---|---|---|---|---|"]
+
+    def delta(r, k):
+        if not sup or r is sup or not r.get(k) or not sup.get("test_top1"):
+            return "-"
+        ref = sup["test_top1" if k.startswith("test_top1") else "heldout_top1"]
+        d, se = diff_se(r[k], ref)
+        return f"{d:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+    for r in rows:
+        out.append(f"| {r['label']} | {_num(r.get('unlabelled_passes'), 1)} | "
+                   f"{_ms(r['test_top1'])} | {_ms(r['test_top5'])} | "
+                   f"{_ms(r.get('test_top1_rotation_averaged') or [])} | "
+                   f"{_ms(r.get('test_top5_rotation_averaged') or [])} | "
+                   f"{delta(r, 'test_top1')} | {delta(r, 'test_top1_rotation_averaged')} | "
+                   f"{delta(r, 'heldout_top1')} |")
+    if sup and len(sup["test_top1"]) >= 2:
+        out.append("")
+        for r in rows:
+            if r is sup or len(r["test_top1"]) < 2:
+                continue
+            d, se = diff_se(r["test_top1"], sup["test_top1"])
+            dh, _ = diff_se(r["heldout_top1"], sup["heldout_top1"])
+            helps = d > 2 * se and dh > 0
+            n = f"{len(r['test_top1'])} vs {len(sup['test_top1'])} seeds"
+            out.append(f"- **Decision rule, {r['label']}** ({n}): test top-1 {d:+.2f} against "
+                       f"2 x SE = {2 * se:.2f}; held-out {dh:+.2f}. "
+                       + ("It helps at this scale by the rule." if helps else
+                          "It does not pass the rule: no gain beyond the noise is shown."))
+    return out
+
+
+def curves_section(doc: dict[str, Any], study: Study) -> list[str]:
+    if not study.curve_points:
+        return []
+    runs = curve_runs(doc)
+    out = ["\n## Learning curves\n",
+           f"Every final run and every convergence run evaluates held-out top-1 at "
+           f"{study.curve_points} evenly spaced points (the test split only once, at the end); "
+           "each point keeps the training losses and accuracies averaged since the previous one "
+           "(`curve` in the JSON).\n"]
+    if not runs:
+        return out + ["No run has finished yet."]
+    png = Path(study.report).name + "_curves.png"
+    out.append(f"![learning curves]({png})\n")
+    n = max(len(r["curve"]) for r in runs)
+    out.append("| run | " + " | ".join(f"{i + 1}" for i in range(n)) + " |")
+    out.append("|---" * (n + 1) + "|")
+    for r in runs:
+        cells = [_num(p.get("heldout_top1"), 1) for p in r["curve"]] + ["-"] * (n - len(r["curve"]))
+        out.append(f"| `{r['id']}` (held-out top-1 at each point) | " + " | ".join(cells) + " |")
+    return out
+
+
+def convergence_section(conv: Any) -> list[str]:
+    if isinstance(conv, dict):  # a report written before convergence had several arms
+        conv = [{**conv, "gain_when_doubling": conv.get("supervised_gain_when_doubling_epochs")}]
+    if not conv:
+        return []
+    out = ["\n## Convergence\n",
+           "Each arm's selected config, seed 0, at the study's schedule and at "
+           f"{conv[0]['factor']:g}x it. An arm passes when held-out top-1 moves by less than 1 "
+           "point.\n",
+           "| arm | labelled epochs | steps | unlabelled passes | held-out top-1 | test top-1 | "
+           "test gain | converged |", "|---|---|---|---|---|---|---|---|"]
+
+    def two(v, nd=2):
+        v = v or [None, None]
+        return f"{_num(v[0], nd)} -> {_num(v[1], nd)}"
+
+    for c in conv:
+        ok = c.get("converged")
+        out.append(f"| {c['method']} | {two(c.get('labelled_epochs'), 0)} | "
+                   f"{two(c.get('steps'), 0)} | {two(c.get('unlabelled_passes'), 1)} | "
+                   f"{two(c.get('heldout_top1'))} | {two(c.get('test_top1'))} | "
+                   f"{_num(c.get('gain_when_doubling'))} | "
+                   f"{'-' if ok is None else ('yes' if ok else '**no: still moving**')} |")
     return out
 
 
@@ -1378,19 +1611,13 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
                        f"({len(r['test_top1'])} vs {len(sup['test_top1'])} seeds)"
                        + (f"; the paper's {col}% column: {paper[0] - paper[1]:+.2f} top-5"
                           if paper[0] else ""))
+    out.extend(readings_section(doc, study))
     reading = orderings(doc["summary"])
     if reading:
         out.append("\n## Which of the paper's orderings hold here\n")
         out.extend(f"- {line}" for line in reading)
-    conv = doc.get("convergence")
-    if conv:
-        out.append("\n## Convergence\n")
-        e0, e1 = conv["labelled_epochs"]
-        t0, t1 = conv["test_top1"]
-        out.append(f"The selected {conv['method']} config, seed 0, at {_num(e0, 0)} and "
-                   f"{_num(e1, 0)} labelled epochs: test top-1 {_num(t0)} -> {_num(t1)}, a gain of "
-                   f"**{_num(conv['supervised_gain_when_doubling_epochs'])}** points when the "
-                   "schedule is doubled.\n")
+    out.extend(convergence_section(doc.get("convergence")))
+    out.extend(curves_section(doc, study))
     if doc["sweep"]:
         out.append("\n## Sweep (seed 0; selected on the held-out split)\n")
         out.append("| method | config | held-out top-1 | test top-1 (not used to select) | selected |")

@@ -11,6 +11,7 @@ report alone (workdirs deleted, as on a fresh machine) keeps every finished run.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -124,13 +125,16 @@ def test_every_run_records_its_own_metrics_and_the_fields_the_report_needs(tiny)
             assert key in r, key
         cfg = json.loads((work / r["id"] / "config.json").read_text())
         assert cfg["optim"]["lr"] == r["hyper"]["optim.lr"]
-    conv = doc["convergence"]
+    (conv,) = doc["convergence"]  # one entry per arm; this study names one
     runs = {r["id"]: r for r in doc["runs"]}
     base = runs[doc["selection"]["supervised"]["run"]]
     long = runs["convergence/supervised/x2/seed0"]
+    assert conv["method"] == "supervised"
     assert long["labelled_epochs"] == 2 * base["labelled_epochs"]
-    assert conv["supervised_gain_when_doubling_epochs"] == pytest.approx(
+    assert conv["gain_when_doubling"] == pytest.approx(
         long["test_top1"] - base["test_top1"], abs=1e-3)
+    assert conv["heldout_top1"] == [base["heldout_top1"], long["heldout_top1"]]
+    assert conv["converged"] == (abs(long["heldout_top1"] - base["heldout_top1"]) < 1.0)
     assert (tiny["tmp"] / "docs" / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -356,3 +360,106 @@ def test_a_resumed_runs_cost_is_scaled_from_its_own_session_to_every_step(tiny):
     rate = S.rates({run.id: half})[run.config.objective.name]
     assert rate == pytest.approx(run.budget["images"] / S._full_wall(half), rel=1e-6)
     assert half["cpu"] and half["cpu"] == fresh["cpu"]
+
+
+CURVES = """
+name = "curves"
+data = "{data}"
+labels_per_class = 4
+heldout_per_class = 2
+schedule = {{ labelled_epochs = 8 }}
+curve_points = 4
+report = "{report}"
+
+[set]
+"data.workers" = 0
+"bn.ghost_batch" = "null"
+
+[[method]]
+key = "supervised"
+preset = "cifar10-supervised-10pct"
+seeds = 2
+
+[[method]]
+key = "s4l-rotation"
+preset = "cifar10-s4l-rotation-10pct"
+seeds = 2
+set = {{ "optim.unsup_batch_mult" = 2 }}
+
+[convergence]
+methods = ["supervised", "s4l-rotation"]
+factor = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def curves(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("curves")
+    data = make_image_folder(tmp / "data", classes=("a", "b", "c"), per_class=12, size=32)
+    path = tmp / "curves.toml"
+    path.write_text(CURVES.format(data=data, report=tmp / "docs" / "curves"))
+    work = tmp / "work"
+    # The library call with the -smoke presets but the file's schedule (the command's --smoke
+    # would cut it to 2 labelled epochs: too short for 4 curve points).
+    assert S.run_study(S.load_study(path), workdir=work, report=tmp / "docs" / "curves",
+                       smoke=True) == 0
+    return {"tmp": tmp, "work": work, "doc": json.loads((tmp / "docs" / "curves.json").read_text())}
+
+
+def test_curve_points_give_every_run_a_heldout_curve_and_the_test_split_once(curves):
+    doc, work = curves["doc"], curves["work"]
+    assert {r["id"] for r in doc["runs"]} == {
+        "final/supervised/seed0", "final/supervised/seed1", "final/s4l-rotation/seed0",
+        "final/s4l-rotation/seed1", "convergence/supervised/x2/seed0",
+        "convergence/s4l-rotation/x2/seed0"}
+    for r in doc["runs"]:
+        recs = [json.loads(x) for x in (work / r["id"] / "metrics.jsonl").read_text().splitlines()]
+        evals = [x for x in recs if x["kind"] == "eval"]
+        # 4 points: 3 during training (held-out only: the test split is never read early) and
+        # the final evaluation, which reads both.
+        assert len(evals) == 3 and all("heldout/top1" in x and "eval/top1" not in x for x in evals)
+        steps = r["steps"]
+        assert [p["step"] for p in r["curve"]] == [steps // 4, steps // 2, 3 * steps // 4, steps]
+        assert [p["heldout_top1"] for p in r["curve"][:3]] == pytest.approx(
+            [x["heldout/top1"] for x in evals], abs=1e-3)
+        assert r["curve"][-1]["heldout_top1"] == pytest.approx(r["heldout_top1"], abs=1e-3)
+        # Each point's training metrics are the mean of the train records since the previous one.
+        train = [x for x in recs if x["kind"] == "train"]
+        first = [x["loss_class"] for x in train if x["step"] <= steps // 4]
+        assert r["curve"][0]["train_loss_class"] == pytest.approx(statistics.fmean(first), abs=1e-4)
+        rot = r["method"] == "s4l-rotation"
+        for p in r["curve"]:
+            assert ("train_loss_rotation" in p and "train_acc_rotation" in p
+                    and "heldout_top1_rotation_averaged" in p) == rot
+        if rot:
+            # 2x the labelled batch of 8 per step, over the 36 - 6 held-out training images.
+            assert r["unlabelled_passes"] == pytest.approx(steps * 16 / 30, abs=1e-3)
+            assert r["test_top1_rotation_averaged"] is not None
+            assert r["test_top5_rotation_averaged"] is None  # 3 classes: top-3 only
+        else:
+            assert r["unlabelled_passes"] == 0
+
+
+def test_convergence_of_every_arm_and_both_readings_on_the_page(curves):
+    doc, tmp = curves["doc"], curves["tmp"]
+    runs = {r["id"]: r for r in doc["runs"]}
+    assert [c["method"] for c in doc["convergence"]] == ["supervised", "s4l-rotation"]
+    for c in doc["convergence"]:
+        base, long = runs[f"final/{c['method']}/seed0"], runs[f"convergence/{c['method']}/x2/seed0"]
+        assert long["steps"] == 2 * base["steps"]
+        assert c["test_top1"] == [base["test_top1"], long["test_top1"]]
+        assert c["gain_when_doubling"] == pytest.approx(long["test_top1"] - base["test_top1"],
+                                                        abs=1e-3)
+    md = (tmp / "docs" / "curves.md").read_text()
+    assert "## Both readings, and the difference to supervised" in md
+    assert "## Learning curves" in md and "## Convergence" in md
+    sup = [runs[f"final/supervised/seed{s}"]["test_top1"] for s in (0, 1)]
+    rot = [runs[f"final/s4l-rotation/seed{s}"]["test_top1"] for s in (0, 1)]
+    d, se = S.diff_se(rot, sup)
+    assert se == pytest.approx(math.sqrt(statistics.variance(rot) / 2 +
+                                         statistics.variance(sup) / 2))
+    section = md.split("## Both readings")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| s4l-rotation |"))
+    assert f"| {d:+.2f} ± {se:.2f} |" in row
+    assert "**Decision rule, s4l-rotation**" in md
+    assert (tmp / "docs" / "curves_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -147,6 +147,10 @@ class InitConfig:
 class EvalConfig:
     every_epochs: float = 10.0
     rotation_average: bool = True
+    # What the evaluations during training read: "all" splits, or "heldout" only, so that a
+    # study's learning curve never looks at the test split before the end (the final
+    # evaluation always reads every split).
+    intermediate: str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +241,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.ema.half_life_epochs is not None and cfg.ema.half_life_epochs <= 0:
         raise UserError("ema.half_life_epochs must be > 0 (or null for no EMA)")
+    if cfg.eval.intermediate not in ("all", "heldout"):
+        raise UserError(f"eval.intermediate must be 'all' or 'heldout', got {cfg.eval.intermediate!r}")
     if cfg.eval.every_epochs <= 0 or cfg.checkpoint.every_epochs <= 0:
         raise UserError("eval.every_epochs and checkpoint.every_epochs must be > 0")
     if cfg.checkpoint.keep < 1:
@@ -423,7 +429,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # of the hash, so a config written before the field existed keeps its hash (and its checkpoint
 # resumes); any other value is part of the run's identity.
 ADDED_FIELDS: dict[str, Any] = {"data.augment": "inception", "data.pad_crop": 4,
-                                 "objective.class_rotations": "all"}
+                                 "objective.class_rotations": "all", "eval.intermediate": "all"}
 
 
 def semantic_dict(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +275,8 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
                                     img_s=f"{rec['images_per_s']:.0f}")
                 sums, n_sums, t_last, img_last = {}, 0, now, 0
             if step % plan.eval_every == 0 and step < plan.total_steps:
-                res = evaluate(_eval_model(model, ema, env), objective, data, cfg, env)
+                res = evaluate(_eval_model(model, ema, env), objective, data, cfg, env,
+                               splits=None if cfg.eval.intermediate == "all" else ("heldout",))
                 writer.write("eval", {"step": step, "epoch": step / plan.steps_per_epoch, **res})
                 log.info("step %d eval: %s", step, _fmt(res))
             if boundary_ckpt:
@@ -501,19 +502,20 @@ def _check_finite(bad_step: torch.Tensor, env: D.DistEnv, saver: _Saver) -> None
 
 @torch.no_grad()
 def evaluate(model: nn.Module, objective: Objective, data, cfg: C.TrainConfig,
-             env: D.DistEnv) -> dict[str, float]:
+             env: D.DistEnv, splits: Sequence[str] | None = None) -> dict[str, float]:
     """Top-1/top-5 on the eval split and the tiny validation split (unrotated and, for
-    rotation models, rotation-averaged: S4L_REFERENCE.md section 3 "Preprocessing")."""
+    rotation models, rotation-averaged: S4L_REFERENCE.md section 3 "Preprocessing");
+    `splits` limits it to those of the two named ("eval", "heldout")."""
     if "classes" not in unwrap_model(model).heads:
         return {}  # purely self-supervised: no class head to evaluate
     # Eval loaders draw worker seeds from torch's RNG: keep that out of the training stream.
     devices = [env.device] if env.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return _evaluate(model, objective, data, cfg, env)
+        return _evaluate(model, objective, data, cfg, env, splits)
 
 
 def _evaluate(model: nn.Module, objective: Objective, data, cfg: C.TrainConfig,
-              env: D.DistEnv) -> dict[str, float]:
+              env: D.DistEnv, splits: Sequence[str] | None = None) -> dict[str, float]:
     was_training = model.training
     model.eval()
     autocast = _autocast(cfg.precision, env.device)
@@ -522,6 +524,8 @@ def _evaluate(model: nn.Module, objective: Objective, data, cfg: C.TrainConfig,
     if objective.rotation_eval and cfg.eval.rotation_average:
         modes.append(("_rotation_averaged", True))
     for split, loader in data.eval_loaders().items():
+        if splits is not None and split not in splits:
+            continue
         k = min(5, len(data.class_names))
         counts = torch.zeros(1 + 2 * len(modes), dtype=torch.float64, device=env.device)
         for images, labels in loader:
