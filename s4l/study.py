@@ -1247,18 +1247,14 @@ def convergence_report(study: Study, planner: Planner) -> list[dict[str, Any]]:
         if planner.selection[m.key].get("pending"):
             base = long = None  # no config is selected yet
 
-        def pair(k):
-            return [base and base.get(k), long and long.get(k)]
-
-        def gain(k):
-            a, b = pair(k)
-            return round(b - a, 3) if a is not None and b is not None else None
-
-        held = gain("heldout_top1")
-        out.append({"method": m.key, "factor": f, "labelled_epochs": pair("labelled_epochs"),
-                    "steps": pair("steps"), "unlabelled_passes": pair("unlabelled_passes"),
-                    "heldout_top1": pair("heldout_top1"), "test_top1": pair("test_top1"),
-                    "gain_when_doubling": gain("test_top1"), "heldout_gain_when_doubling": held,
+        pair = {k: [base and base.get(k), long and long.get(k)]
+                for k in ("labelled_epochs", "steps", "unlabelled_passes", "heldout_top1",
+                          "test_top1")}
+        gain = {k: round(pair[k][1] - pair[k][0], 3) if None not in pair[k] else None
+                for k in ("heldout_top1", "test_top1")}
+        held = gain["heldout_top1"]
+        out.append({"method": m.key, "factor": f, **pair,
+                    "gain_when_doubling": gain["test_top1"], "heldout_gain_when_doubling": held,
                     "converged": None if held is None else abs(held) < 1.0})
     return out
 
