@@ -1,5 +1,5 @@
 """Untrusted artifacts (issue 14): every loader and every command that reads a user's file treats
-it as data. Hostile files come from tests/hostile.py; their payloads touch a marker file, which
+it as data. Hostile files come from tests/support/hostile.py; their payloads touch a marker file, which
 must never appear. Commands run as a user runs them (a subprocess of `python -m s4l.cli`): they
 exit 2 with one `s4l CMD: error:` line, no traceback, and write nothing.
 """
