@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tfhub_support import FAMILIES, fixture_images, tf_outputs, unpack_fixture  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/support/
+from support.tfhub import FAMILIES, fixture_images, tf_outputs, unpack_fixture  # noqa: E402
 
 from s4l.service.export import export_onnx  # noqa: E402
 from s4l.training.checkpoint import load_for_inference  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tfhub_support import (
+from support.tfhub import (
     FAMILIES,
     FIXTURES,
     fixture_images,

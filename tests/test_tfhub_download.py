@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from tfhub_support import FakeGCS, unpack_fixture
+from support.tfhub import FakeGCS, unpack_fixture
 
 from s4l.errors import UserError
 

@@ -1,7 +1,7 @@
 """Damaged and hostile TF-Hub modules (issue 26, with the conventions of the untrusted-artifacts
 work): each is refused with one line naming what is wrong, and nothing is written. Modules are
 built at test time from the TF-written fixture by rewriting its bundle in TensorFlow's format
-(tests/tfhub_support.py); a payload that would run touches a marker file, which must not appear.
+(tests/support/tfhub.py); a payload that would run touches a marker file, which must not appear.
 """
 
 from __future__ import annotations
@@ -17,21 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tfhub_support import read_all, rewrite_module, unpack_fixture
+from support.hostile import Payload
+from support.tfhub import read_all, rewrite_module, unpack_fixture
 
 from s4l.errors import UserError
 
 V = "variables/variables"
-
-
-class Payload:
-    """Unpickling this calls os.system: what a booby-trapped graph file might carry."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from tfhub_support import FIXTURES, fixture_images, tf_outputs
-
-try:  # the test helpers are moving into tests/support/
-    from support.server import ServerProcess
-except ImportError:  # pragma: no cover - before that move
-    from test_server_support import ServerProcess
+from support.server import ServerProcess
+from support.tfhub import FIXTURES, fixture_images, tf_outputs
 
 from s4l.imaging import PreprocessSpec, decode_image, eval_crop
 

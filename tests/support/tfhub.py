@@ -23,7 +23,7 @@ import numpy as np
 
 from s4l.training.tfhub import crc32c
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tfhub"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "tfhub"
 FAMILIES = ("supervised", "rotation", "exemplar", "rotation_vat")
 DTYPE_ENUM = {np.dtype("<f4"): 1, np.dtype("<f8"): 2, np.dtype("<i4"): 3, np.dtype("<i8"): 9}
 
