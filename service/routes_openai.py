@@ -7,6 +7,7 @@ limit, admission, micro-batcher and metrics as /embed; errors in OpenAI's shape.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -17,12 +18,13 @@ from pydantic import BaseModel
 from s4l.service import openai_embeddings as oai
 from s4l.service.backend import EMBEDDING
 from s4l.service.deps import ApiKey, State
-from s4l.service.errors import ApiError, protocol_route_class
+from s4l.service.errors import protocol_route_class
 from s4l.service.inputs import RawImage
 from s4l.service.pipeline import JSONBody, infer
 
 PREFIX = "/v1"
 MODEL = "s4l"
+_LARGE_BODY = 1 << 16  # bodies above this are parsed in the decode pool
 _STARTED = int(time.time())  # GET /v1/models' `created`: when this server process started
 
 
@@ -100,14 +102,21 @@ def _errors(*statuses: int) -> dict:
 async def embeddings(request: Request, state: State):
     """Unit-normalised image embeddings in OpenAI's shape (`encoding_format` float or base64,
     little-endian float32). A bad image fails the request (400, naming its index)."""
-    try:
-        payload = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as e:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+    body = await request.body()
     info = state.backend.info
+
+    def parse() -> oai.EmbeddingsRequest:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise oai.OpenAIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        return oai.parse_request(payload, models=[MODEL], dim=info.embedding_dim,
+                                 max_inputs=state.settings.max_images_per_request)
+
     try:
-        req = oai.parse_request(payload, models=[MODEL], dim=info.embedding_dim,
-                                max_inputs=state.settings.max_images_per_request)
+        # Megabytes of base64 are read off the event loop, as /embed's JSON images are.
+        req = await asyncio.get_running_loop().run_in_executor(state.decode_pool, parse) \
+            if len(body) > _LARGE_BODY else parse()
     except oai.OpenAIError as e:
         return JSONBody(oai.error_body(e.status, e.message, code=e.code, param=e.param), e.status)
     outs = await infer([RawImage(data=b) for b in req.images], state, PREFIX + "/embeddings")
