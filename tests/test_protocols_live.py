@@ -33,6 +33,7 @@ CROP = 32
 DIM = 128
 RTOL = 1e-5
 SCRIPT = ROOT / "docs" / "examples" / "triton_client.py"
+OPENAI_SCRIPT = ROOT / "docs" / "examples" / "openai_embeddings.py"
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +384,18 @@ def test_openai_client_embeddings_equal_normalised_embed(server, files, oai, enc
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
     one = oai.embeddings.create(model="s4l", input=inputs[0], dimensions=DIM)
     np.testing.assert_allclose(one.data[0].embedding, got[0], rtol=RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("flag", [[], ["--float"]])
+def test_docs_openai_script_equals_normalised_embed(server, files, tmp_path, flag):
+    out = tmp_path / "out.npy"
+    r = subprocess.run([sys.executable, str(OPENAI_SCRIPT), "--base-url", server.url + "/v1",
+                        "--api-key", KEY, "--out", str(out), *flag, *map(str, files["images"])],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "models: ['s4l']" in r.stdout and f"embeddings: [3, {DIM}]" in r.stdout
+    np.testing.assert_allclose(np.load(out), embed(server, blobs_of(files), normalize=True),
+                               rtol=RTOL, atol=1e-7)
 
 
 def test_openai_wire_default_is_float_and_base64_is_little_endian(server, files):
