@@ -6,7 +6,8 @@ import argparse
 import logging
 
 HELP = ("serve an exported ONNX model over HTTP (/embed, /classify, /heads, /search, /healthz, "
-        "/readyz, /info, /metrics)")
+        "/readyz, /info, /metrics; Open Inference Protocol v2 under /v2; OpenAI-style "
+        "/v1/embeddings)")
 
 log = logging.getLogger(__name__)
 
