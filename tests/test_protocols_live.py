@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 import struct
 import subprocess
@@ -189,7 +190,7 @@ def test_infer_without_outputs_returns_all_binary(server, files, triton):
 
 @pytest.mark.parametrize("binary_in", [True, False])
 def test_infer_bytes_batch_of_jpegs_is_decoded_and_cropped_here(server, files, triton, binary_in):
-    blobs = blobs_of(files) + [jpeg_bytes(size=(300, 200), seed=5)]
+    blobs = blobs_of(files) + [jpeg_bytes(size=(300, 200), seed=5), _encoded("PNG"), _encoded("WEBP")]
     # Binary: raw file bytes. JSON cannot carry raw bytes, so there each element is base64 text.
     arr = np.array(blobs if binary_in else [base64.b64encode(b).decode() for b in blobs], dtype=object)
     files_in = tritonclient_http.InferInput("image_bytes", [len(blobs)], "BYTES")
@@ -208,6 +209,15 @@ def test_compressed_requests_are_inflated(server, files, triton, compression):
                           request_compression_algorithm=compression,
                           response_compression_algorithm=compression)
     np.testing.assert_allclose(result.as_numpy("embedding"), embed(server, blobs), rtol=RTOL)
+
+
+def _encoded(fmt: str) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(len(fmt))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (45, 60, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
 
 
 def test_head_model_logits_equal_the_head_on_embed(server, files, triton):
