@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from s4l.errors import UserError
+from s4l.io import publish
 from s4l.training.tfhub import crc32c
 
 log = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ def _fetch(url: str, dest: Path, size: int | None, crc: int | None, progress: bo
             part.unlink()
             raise UserError(f"{url}: CRC-32C of the download differs from the bucket's; removed "
                             "(corrupt transfer)")
-        os.replace(part, dest)
+        publish(part, dest)  # fsync'ed rename: a cached file is always a whole, verified one
         return
     raise UserError(f"{url}: download failed after {RETRIES} attempts ({last_error}); run the "
                     f"command again to resume from {part.stat().st_size if part.exists() else 0} "
