@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from s4l.io import atomic_write_text
+
 
 def subset_list(root: Path, split: str, per_class: int, out: Path) -> str:
     """A Places205-format list of the first `per_class` images of each class (smoke runs)."""
@@ -23,7 +25,7 @@ def subset_list(root: Path, split: str, per_class: int, out: Path) -> str:
         for f in sorted(d.iterdir())[:per_class]:
             lines.append(f"{f.relative_to(root).as_posix()} {c}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return f"places205:{out}@{root}"
 
 

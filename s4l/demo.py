@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from s4l.errors import UserError
+from s4l.io import atomic_write_json
 
 HELP = "run the whole system end to end on the built-in digits dataset (train, probe, export, serve)"
 
@@ -177,7 +178,7 @@ def _serve_and_query(model: Path, out: Path, port: int, head: Path | None = None
     base = f"http://127.0.0.1:{port}"
     log_path = out / "server.log"
     env = dict(os.environ)
-    with open(log_path, "wb") as log:
+    with open(log_path, "wb") as log:  # not atomic: the server's log, written as it runs
         proc = subprocess.Popen(
             [sys.executable, "-m", "s4l.cli", "serve", "--model", str(model), "--host",
              "127.0.0.1", "--port", str(port),
@@ -374,9 +375,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {label:24s} {path}")
     print(f"\nserve the model: make serve   (or: s4l serve --model {onnx_path} "
           f"--head {PROBE_HEAD}={head})")
-    (out / "summary.json").write_text(json.dumps(
-        {"train": results, "probe_top1": _probe_top1(probe), "served": served,
-         "timings_s": timings, "total_s": time.monotonic() - t0}, indent=2, default=str))
+    atomic_write_json(out / "summary.json",
+                      {"train": results, "probe_top1": _probe_top1(probe), "served": served,
+                       "timings_s": timings, "total_s": time.monotonic() - t0},
+                      indent=2, default=str)
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 HELP = "export a checkpoint to ONNX (uint8 NHWC in, embedding/logits out), checked against torch"
@@ -64,8 +63,9 @@ def main(args: argparse.Namespace) -> int:
         log.info("int8 vs fp32 on %d held-out images: %s", report.int8["heldout_images"], report.int8)
     baked = _bake(args, args.out) if args.head else None
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump({**report.to_dict(), "baked_head": baked}, f, indent=2)
+        from s4l.io import atomic_write_json
+
+        atomic_write_json(args.report, {**report.to_dict(), "baked_head": baked}, indent=2)
     return 0
 
 

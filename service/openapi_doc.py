@@ -24,7 +24,9 @@ def dumps(schema: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     out = Path((argv or sys.argv[1:] or [str(COMMITTED)])[0])
-    out.write_text(dumps(build_schema()))
+    from s4l.io import atomic_write_text
+
+    atomic_write_text(out, dumps(build_schema()))
     return 0
 
 

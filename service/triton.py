@@ -8,6 +8,8 @@ from pathlib import Path
 
 import onnx
 
+from s4l.io import atomic_path, atomic_write_text
+
 _DTYPES = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYPE_FP32",
            onnx.TensorProto.FLOAT16: "TYPE_FP16"}
 
@@ -57,8 +59,9 @@ def write_triton_repo(onnx_path: str | Path, repo: str | Path, *, model_name: st
     ])
     model_dir = repo / model_name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
-    (model_dir / "config.pbtxt").write_text(config)
+    with atomic_path(model_dir / "1" / "model.onnx") as tmp:
+        shutil.copyfile(onnx_path, tmp)
+    atomic_write_text(model_dir / "config.pbtxt", config)
     if names:
-        (model_dir / "labels.txt").write_text("".join(f"{n}\n" for n in names))
+        atomic_write_text(model_dir / "labels.txt", "".join(f"{n}\n" for n in names))
     return model_dir

@@ -379,3 +379,59 @@ def test_compose_config_validates_and_serve_starts(compose, model):
         assert r.status_code == 200
     finally:
         subprocess.run([*base, "down", "-t", "5"], env=env, capture_output=True, timeout=120)
+
+
+def test_documented_flow_export_then_compose_serve_as_the_image_user(compose, tmp_path):
+    """docker/compose.yaml's two commands as a user runs them: `s4l export --out
+    models/model.onnx` as the invoking user (nothing chmod'ed afterwards), then `docker compose
+    up serve`: the folder mounted read-only into the image's own non-root user, which must be
+    able to read the model (an export written with mkstemp's 0600 stopped it with "model file
+    /models/model.onnx is not readable by this user (uid 999)")."""
+    import sys
+
+    from support.server import make_checkpoint
+
+    project = tmp_path / "project"
+    project.mkdir()
+    ckpt = make_checkpoint(project / "checkpoint.pt")
+    exe = Path(sys.executable).with_name("s4l")
+    s4l = [str(exe)] if exe.exists() else [sys.executable, "-m", "s4l.cli"]
+    # The login default umask (022): what the documented flow assumes of the user's shell.
+    res = subprocess.run([*s4l, "export", "--checkpoint", str(ckpt), "--out", "models/model.onnx"],
+                         cwd=project, capture_output=True, text=True, timeout=300,
+                         preexec_fn=lambda: os.umask(0o022))
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = project / "models" / "model.onnx"
+    assert model.stat().st_uid == os.getuid()
+
+    port = free_port()
+    env = {**compose, "S4L_MODELS": str(model.parent), "S4L_PUBLISH_PORT": str(port)}
+    base = ["docker-compose", "-f", str(ROOT / "docker" / "compose.yaml"),
+            "-p", f"s4ldoc{os.getpid()}"]
+    up = subprocess.run([*base, "up", "-d", "--no-build", "serve"], env=env, capture_output=True,
+                        text=True, timeout=180)
+    try:
+        assert up.returncode == 0, up.stderr
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            logs = subprocess.run([*base, "logs"], env=env, capture_output=True, text=True)
+            raise AssertionError(f"compose serve not ready:\n{logs.stdout[-3000:]}")
+        who = subprocess.run([*base, "exec", "-T", "serve", "sh", "-c",
+                              "id -u; stat -c %u /models/model.onnx; touch /models/x"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        uid, owner = who.stdout.split()[:2]
+        assert uid != "0" and uid != owner, who.stdout  # not the file's owner: "other" must read
+        assert "Read-only file system" in who.stderr, who.stderr  # the folder is mounted :ro
+        r = _post(f"http://127.0.0.1:{port}", _jpegs())
+        assert r.status_code == 200, r.text
+        embs = [x["embedding"] for x in r.json()["results"]]
+        assert len(embs) == 4 and all(len(e) == len(embs[0]) > 0 for e in embs)
+        assert np.isfinite(np.array(embs)).all()
+    finally:
+        subprocess.run([*base, "down", "-t", "5"], env=env, capture_output=True, timeout=120)
+    assert model.stat().st_mode & 0o777 == 0o644  # what a plain open() gives under umask 022

@@ -206,43 +206,100 @@ def test_shared_dataset_unpacks_once(monkeypatch, tmp_path):
     assert (sio.shared_dataset("tiny.tar.gz", "tiny") / "a.txt").read_text() == "kept"
 
 
-# -- every write-to-temp-then-rename goes through s4l.io -----------------------------------------
+# -- every file the library writes goes through s4l.io ------------------------------------------
 
-# Files still carrying their own temp-and-rename code, each with the reason (issue 30 item 4).
-OWN_RENAMES = {
+# Files still writing on their own, each with the reason (issue 30 item 4).
+OWN_WRITES = {
+    "s4l/io.py": "the helper itself",
     "s4l/study.py": "being split into study/ (issue 30 item 1); converted there",
     "training/trainer.py": "the lead is editing it (issue 30 item 5 moves its metrics writer "
                            "out); its two temp-and-rename sites convert then",
-    "s4l/io.py": "the helper itself",
-    # issue 26's resumable download (in progress when this test was written): its .partial keeps
-    # a stable name across runs, so it wants s4l.io.publish(part, dest) rather than a temp file.
+    # issue 26's download and unpacking (in progress when this test was written): its .partial
+    # keeps a stable name across runs, so it wants s4l.io.publish(part, dest).
     "training/tfhub/source.py": "resumable download; s4l.io.publish is its helper",
 }
 RENAMES = {("os", "replace"), ("os", "rename"), ("tempfile", "mkstemp"),
-           ("tempfile", "NamedTemporaryFile")}
+           ("tempfile", "NamedTemporaryFile"), ("shutil", "copyfile"), ("shutil", "copy"),
+           ("shutil", "copy2")}
+# A line may opt out with a comment saying why (a log stream is written as it runs).
+OPT_OUT = "# not atomic:"
 
 
-def _own_renames(path: Path) -> list[str]:
+def _open_mode(node: ast.Call) -> str | None:
+    if not (isinstance(node.func, ast.Name) and node.func.id == "open"):
+        return None
+    args = [*node.args[1:2], *(k.value for k in node.keywords if k.arg == "mode")]
+    if args and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
+        return args[0].value
+    return "r"
+
+
+def _inside_atomic_blocks(tree: ast.AST) -> set[int]:
+    """Lines inside ``with atomic_path(...)`` / ``with atomic_open(...)``: writes to the temp."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With) and any(
+                isinstance(i.context_expr, ast.Call)
+                and getattr(i.context_expr.func, "id", getattr(i.context_expr.func, "attr", ""))
+                in ("atomic_path", "atomic_open") for i in node.items):
+            lines |= set(range(node.lineno, node.end_lineno + 1))
+    return lines
+
+
+def own_writes(path: Path, root: Path = ROOT) -> list[str]:
+    """Writes in ``path`` that bypass s4l.io: renames and temp files, copies, ``open(.., "w")``,
+    ``write_text``/``write_bytes`` (appends are streams and pass)."""
+    text = path.read_text()
+    src = text.splitlines()
+    tree = ast.parse(text)
+    allowed = _inside_atomic_blocks(tree)
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                and isinstance(node.func.value, ast.Name) \
-                and (node.func.value.id, node.func.attr) in RENAMES:
-            found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.func.value.id}."
-                         f"{node.func.attr}")
-    return found
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or node.lineno in allowed \
+                or OPT_OUT in src[node.lineno - 1]:
+            continue
+        f = node.func
+        what = None
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
+                and (f.value.id, f.attr) in RENAMES:
+            what = f"{f.value.id}.{f.attr}"
+        elif isinstance(f, ast.Attribute) and f.attr in ("write_text", "write_bytes"):
+            what = f.attr
+        elif (mode := _open_mode(node)) is not None and ("w" in mode or "x" in mode):
+            what = f"open(..., {mode!r})"
+        if what:
+            found.append((node.lineno, f"{path.relative_to(root)}:{node.lineno} {what}"))
+    return [msg for _, msg in sorted(found)]
 
 
-def test_the_library_renames_files_only_through_s4l_io():
+def test_the_library_writes_files_only_through_s4l_io():
     found = []
     for folder in ("s4l", "training", "evaluation", "service"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if str(path.relative_to(ROOT)) not in OWN_RENAMES:
-                found += _own_renames(path)
-    assert not found, "write through s4l.io (atomic_write_*, atomic_open, atomic_path):\n" + \
-        "\n".join(found)
-    for listed in OWN_RENAMES:
-        assert (ROOT / listed).exists(), f"{listed} is gone: drop it from OWN_RENAMES"
+            if str(path.relative_to(ROOT)) not in OWN_WRITES:
+                found += own_writes(path)
+    assert not found, ("write through s4l.io (atomic_write_*, atomic_open, atomic_path), or mark "
+                       f"a stream with '{OPT_OUT} <why>':\n" + "\n".join(found))
+    for listed in OWN_WRITES:
+        assert (ROOT / listed).exists(), f"{listed} is gone: drop it from OWN_WRITES"
+
+
+def test_the_write_check_sees_each_kind(tmp_path):
+    src = tmp_path / "probe.py"
+    src.write_text(
+        "import os, shutil\nfrom s4l.io import atomic_path\n"
+        "def f(p, q):\n"
+        "    os.replace(p, q)\n"
+        "    open(p, 'w').close()\n"
+        "    p.write_text('x')\n"
+        "    shutil.copyfile(p, q)\n"
+        "    open(p, 'a').close()\n"
+        "    open(p).close()\n"
+        "    open(p, 'wb').close()  # not atomic: a log\n"
+        "    with atomic_path(q) as tmp:\n"
+        "        shutil.copyfile(p, tmp)\n")
+    found = [ln.split(" ", 1)[1] for ln in own_writes(src, root=tmp_path)]
+    assert found == ["os.replace", "open(..., 'w')", "write_text", "shutil.copyfile"], found
 
 
 def test_publish_renames_a_finished_file_over_the_target(tmp_path):
