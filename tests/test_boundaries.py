@@ -204,3 +204,17 @@ def test_the_walk_sees_imports_inside_functions_and_relative_ones(tmp_path, monk
             "s4l.training.model"} <= names
     assert _module_file("s4l.training.config") == ROOT / "training" / "config.py"
     assert _module_file("s4l.io") == ROOT / "s4l" / "io.py"
+
+
+# -- tests/support holds helpers, not tests ------------------------------------------------------
+
+def test_tests_support_is_helpers_only_and_not_collected():
+    import conftest
+
+    assert "support" in conftest.collect_ignore
+    support = ROOT / "tests" / "support"
+    for path in _py_files(support):
+        tests = [n.name for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.FunctionDef | ast.ClassDef)
+                 and n.name.startswith(("test_", "Test"))]
+        assert not tests, f"{path.relative_to(ROOT)} defines tests {tests}: put them in tests/"
