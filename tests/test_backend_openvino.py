@@ -341,3 +341,23 @@ def test_extract_refuses_openvino_for_a_checkpoint_and_bad_values(model, tmp_pat
     rc = s4l_main(["extract", "--model", str(model), "--data", str(tmp_path), "--out",
                    str(tmp_path / "x.h5"), "--precision", "fp8"])
     assert rc != 0
+
+
+def test_task_heads_are_part_of_the_gate(model, tmp_path):
+    from s4l.heads import Head, save_head
+    from s4l.service.app import load_backend
+    from s4l.service.backend import OnnxBackend
+    from s4l.service.head_registry import model_hash
+    from s4l.service.settings import Settings
+
+    info = OnnxBackend(model).info
+    rng = np.random.default_rng(3)
+    save_head(tmp_path / "h.npz", Head(weight=rng.normal(size=(4, info.embedding_dim)).astype(np.float32),
+                                       bias=np.zeros(4, np.float32), class_names=("a", "b", "c", "d"),
+                                       model_hash=model_hash(info)))
+    b = load_backend(Settings(model=model, backend="openvino", precision="auto",
+                              heads=(f"places={tmp_path / 'h.npz'}",)))
+    try:
+        assert set(b.parity.top1_agreement) == {"model", "places"} and b.parity.passed
+    finally:
+        b.close()
