@@ -11,7 +11,8 @@ requests) is divided by that round's /embed images/s, and the median over rounds
   files, binary tensor extension both ways (the like-for-like request: same decode and crop);
 - ``v2_binary_uint8``: input ``images`` UINT8 [N,H,W,3], the same images cropped by the
   client beforehand (Triton's way: no decoding on the server), binary both ways;
-- ``v2_json_uint8``: the same pixels as JSON ``data`` (nested lists), output as JSON;
+- ``v2_json_uint8``: the same pixels as JSON ``data`` (a flat list, as tritonclient sends it;
+  ``--json-layout nested`` for nested lists), output as JSON;
 - ``openai_base64``: POST /v1/embeddings, the files as data URLs, base64 output.
 
 Request bodies are built once before timing, so the client's encoding is not measured; the
@@ -46,7 +47,8 @@ log = logging.getLogger("bench.protocols")
 REFERENCE = "embed_multipart"
 
 
-def bodies(blobs: list[bytes], crops: np.ndarray, url: str) -> dict[str, tuple[str, bytes, dict]]:
+def bodies(blobs: list[bytes], crops: np.ndarray, url: str,
+           json_layout: str = "flat") -> dict[str, tuple[str, bytes, dict]]:
     """variant -> (url, body, headers), built once."""
     multipart = httpx.Request("POST", url + "/embed", files=[
         ("files", (f"i{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)])
@@ -61,7 +63,9 @@ def bodies(blobs: list[bytes], crops: np.ndarray, url: str) -> dict[str, tuple[s
 
     files_tail = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
     json_uint8 = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8",
-                                         "shape": list(crops.shape), "data": crops.tolist()}],
+                                         "shape": list(crops.shape),
+                                         "data": crops.ravel().tolist() if json_layout == "flat"
+                                         else crops.tolist()}],
                              "outputs": [{"name": "embedding"}]}).encode()
     openai = json.dumps({"model": "s4l", "encoding_format": "base64", "input": [
         "data:image/jpeg;base64," + base64.b64encode(b).decode() for b in blobs]}).encode()
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true",
                     help="the tests' tiny model (width 1/16, 32 px) instead of ResNet50v2 at 224: "
                          "inference then costs little, so the request path itself is compared")
+    ap.add_argument("--json-layout", choices=["flat", "nested"], default="flat",
+                    help="JSON `data` of v2_json_uint8: flat (what tritonclient sends) or nested lists")
     ap.add_argument("--workdir", default=None, help="reuse the exported model here")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         info = httpx.get(srv.url + "/info").json()
         spec = PreprocessSpec.from_dict(info["preprocess"])
         crops = np.stack([eval_crop(decode_image(b), spec) for b in blobs])
-        reqs = bodies(blobs, crops, srv.url)
+        reqs = bodies(blobs, crops, srv.url, args.json_layout)
         with httpx.Client(timeout=300) as c:
             ref = None
             for name, (url, body, headers) in reqs.items():  # warm-up and parity
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version()},
         "model": model_name,
         "server": {"batching": info["batching"], "threads": info["threads"]},
+        "json_layout": args.json_layout,
         "images_per_request": args.images, "round_s": args.duration, "rounds": args.rounds,
         "images_per_s": times,
         "per_round": {f"{k}_over_{REFERENCE}": v for k, v in per_round.items()},
