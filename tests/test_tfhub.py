@@ -24,6 +24,7 @@ from support.tfhub import (
     write_bundle,
 )
 
+from s4l.errors import UserError
 from s4l.training.tfhub import crc32c
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,3 +210,32 @@ def test_crc32c_known_values_and_backends_agree(monkeypatch, force_numpy):
         assert crc32c.unmask(crc32c.mask(0xDEADBEEF)) == 0xDEADBEEF
     finally:
         crc32c._backend.cache_clear()
+
+
+def test_pseudo_label_accepts_an_imagenet_folder_named_by_wnid(tmp_path, imported, monkeypatch):
+    """An imported teacher names its classes "tench", ...; an ImageNet folder names them by
+    wnid: `s4l pseudo-label` matches them through the wnids the import records."""
+    from PIL import Image
+
+    import s4l.training.pseudo_label as pl
+    from s4l.training.tfhub.importer import imagenet_classes
+
+    for w, _ in imagenet_classes():
+        (tmp_path / "inet" / "train" / w).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "inet" / "train" / w / f"{w}_1.JPEG")
+    (tmp_path / "lm.json").write_text('{"values": ["n01440764_1.JPEG"]}')
+
+    class Reached(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(pl, "label_images", stop)  # the gate is what is tested, not labelling
+    with pytest.raises(Reached):
+        pl.pseudo_label(imported["rotation"][1], str(tmp_path / "inet"), tmp_path / "pl.json",
+                        labels=str(tmp_path / "lm.json"), progress=False)
+    (tmp_path / "inet" / "train" / "n01440764").rename(tmp_path / "inet" / "train" / "x_other")
+    with pytest.raises(UserError, match="the teacher was trained on classes"):
+        pl.pseudo_label(imported["rotation"][1], str(tmp_path / "inet"), tmp_path / "pl.json",
+                        labels=str(tmp_path / "lm.json"), progress=False)

@@ -211,7 +211,11 @@ def pseudo_label(checkpoint: str | os.PathLike, data_root: str, out: str | os.Pa
     if "classes" not in teacher.model.heads:
         raise UserError(f"{checkpoint} has no class head (a self-supervised model cannot label)")
     source = open_source(data_root, split)
-    if teacher.class_names is not None and list(teacher.class_names) != list(source.classes):
+    # A model imported from the release (s4l import-tfhub) names its classes "tench", ...; an
+    # ImageNet folder names them by wnid, which the import records beside the names.
+    wnids = (teacher.config.get("tfhub") or {}).get("class_wnids")
+    if teacher.class_names is not None and list(teacher.class_names) != list(source.classes) \
+            and list(wnids or []) != list(source.classes):
         raise UserError(
             f"the teacher was trained on classes {teacher.class_names[:5]}... but {data_root} "
             f"has {source.classes[:5]}...")

@@ -160,9 +160,12 @@ def import_tfhub(src: str | os.PathLike, out: str | os.PathLike, *, cache: Path 
                        "the 1-based TFRecord label)" if names_rows else None,
         "class_wnids": [w for w, _ in names_rows] if names_rows else None,
     }
+    # class_wnids also in the config: an ImageNet folder's classes are wnids, and `s4l
+    # pseudo-label` matches the teacher's classes against them (load_for_inference gives config).
     config = {"imported": "tfhub", "tfhub": {k: record[k] for k in
                                              ("source", "variables_sha256", "family",
-                                              "release_commit", "bn_scope", "filters_factor")}}
+                                              "release_commit", "bn_scope", "filters_factor",
+                                              "class_wnids")}}
     payload = {
         "model_spec": spec.to_dict(),
         "model": state,
