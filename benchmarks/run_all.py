@@ -217,7 +217,8 @@ def run_one(script: Path, quick: bool, out_dir: Path, env: dict[str, str],
     if report_path.exists() and report_path.stat().st_mtime >= started - 1:
         try:
             rec["report"] = json.loads(report_path.read_text())
-            rec["report_path"] = str(report_path.relative_to(ROOT))
+            rec["report_path"] = str(report_path.relative_to(ROOT)
+                                     if report_path.is_relative_to(ROOT) else report_path)
         except json.JSONDecodeError as e:
             rec["error"] = f"unreadable report {report_path}: {e}"
     elif rec["status"] == "ok":
