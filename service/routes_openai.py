@@ -28,8 +28,11 @@ _LARGE_BODY = 1 << 16  # bodies above this are parsed in the decode pool
 _STARTED = int(time.time())  # GET /v1/models' `created`: when this server process started
 
 
+_CODES = {"unauthorized": "invalid_api_key"}  # our code -> the one OpenAI's API uses
+
+
 def error_body(status: int, code: str, message: str) -> dict:
-    return oai.error_body(status, message, code=code)
+    return oai.error_body(status, message, code=_CODES.get(code, code))
 
 
 router = APIRouter(tags=["openai embeddings"], route_class=protocol_route_class(error_body))

@@ -439,8 +439,9 @@ def test_openai_models_and_errors(server, files, oai):
         err = e.value.body
         assert set(err) == {"message", "type", "param", "code"} and text in err["message"], err
     bad_key = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as e:
         bad_key.embeddings.create(model="s4l", input=url)
+    assert e.value.code == "invalid_api_key" and e.value.type == "authentication_error"
     r = httpx.post(server.url + "/v1/embeddings", headers=dict(AUTH), content=bytes(MAX_BODY + 10))
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(server.url + "/v1/embeddings", headers=dict(AUTH),
