@@ -1,8 +1,9 @@
 """Embed image files with NVIDIA's own client, tritonclient, over the Open Inference Protocol v2.
 
 It uses only calls Triton itself answers (live, ready, model ready, model metadata, infer with
-UINT8 pixels), so the same script runs against `s4l serve` and against the Triton model
-repository `s4l export --triton-repo` writes. The eval crop happens here, with s4l's own
+UINT8 pixels), so the same script is meant to run against `s4l serve` and against the Triton
+model repository `s4l export --triton-repo` writes (the latter not tried on our machines, which
+run no Triton server). The eval crop happens here, with s4l's own
 torch-free `s4l.imaging` (numpy + Pillow), because Triton receives pixels, not files; the crop
 size comes from the model's metadata. (`s4l serve` also takes encoded files as the BYTES input
 `image_bytes` and crops them itself; Triton would need a preprocessing model for that.)
