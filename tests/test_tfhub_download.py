@@ -111,3 +111,15 @@ def test_plain_http_is_refused_off_loopback(tmp_path):
     with pytest.raises(UserError, match="only https://"):
         import_tfhub("http://example.com/module", tmp_path / "a.pt", cache=tmp_path / "c")
     shutil.rmtree(tmp_path / "c", ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["gs://s4l-models/../../escape", "gs://s4l-models/a/./b"])
+def test_location_that_would_leave_the_cache_is_refused(tmp_path, bucket, where):
+    from s4l.training.tfhub.importer import import_tfhub
+
+    with pytest.raises(UserError, match="not a plain module location"):
+        import_tfhub(where, tmp_path / "a.pt", cache=tmp_path / "c", progress=False)
+    with pytest.raises(UserError, match="not a plain module location"):
+        import_tfhub(f"{bucket.url}/s4l-models/../../../escape", tmp_path / "a.pt",
+                     cache=tmp_path / "c", progress=False)
+    assert bucket.requests == [] and not (tmp_path / "escape").exists()

@@ -173,6 +173,15 @@ def _split_gcs(url: str) -> tuple[str, str] | None:
     return bucket, path.strip("/")
 
 
+def _cache_folder(cache: Path, *parts: str) -> Path:
+    """cache/parts..., refusing a location whose path would step out of the cache ('..')."""
+    segs = [seg for part in parts for seg in part.split("/") if seg]
+    if not segs or any(seg in (".", "..") or "\\" in seg or "\0" in seg for seg in segs):
+        raise UserError(f"{'/'.join(parts)}: not a plain module location (no '.', '..' or "
+                        "backslashes in its path)")
+    return cache.joinpath(*segs)
+
+
 def download(url: str, cache: Path, progress: bool = True) -> ModuleFiles:
     if url.endswith((".tar", ".tgz", ".tar.gz")):
         raise UserError(f"{url}: download the archive and pass the file; remote archives are "
@@ -180,7 +189,7 @@ def download(url: str, cache: Path, progress: bool = True) -> ModuleFiles:
     gcs = _split_gcs(url)
     if gcs is not None:
         bucket, prefix = gcs
-        root = cache / "gs" / bucket / prefix
+        root = _cache_folder(cache, "gs", bucket, prefix)
         objects = _gcs_list(bucket, prefix)
         if INDEX not in objects:
             raise UserError(f"gs://{bucket}/{prefix} holds no {INDEX}; not a TF-Hub module "
@@ -192,7 +201,7 @@ def download(url: str, cache: Path, progress: bool = True) -> ModuleFiles:
         return ModuleFiles(url, root, "download", url=f"gs://{bucket}/{prefix}")
     _check_url(url)
     parts = urllib.parse.urlsplit(url.rstrip("/"))
-    root = cache / parts.netloc.replace(":", "_") / parts.path.strip("/")
+    root = _cache_folder(cache, parts.netloc.replace(":", "_"), parts.path)
     base = url.rstrip("/")
     _fetch(f"{base}/{INDEX}", root / INDEX, None, None, progress)
     from s4l.training.tfhub.bundle import TensorBundle
