@@ -123,3 +123,15 @@ def test_location_that_would_leave_the_cache_is_refused(tmp_path, bucket, where)
         import_tfhub(f"{bucket.url}/s4l-models/../../../escape", tmp_path / "a.pt",
                      cache=tmp_path / "c", progress=False)
     assert bucket.requests == [] and not (tmp_path / "escape").exists()
+
+
+def test_unreachable_server_is_one_clear_error(tmp_path, monkeypatch):
+    from support.net import free_port
+
+    from s4l.training.tfhub.importer import import_tfhub
+
+    monkeypatch.setenv("S4L_GCS_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    with pytest.raises(UserError, match="cannot list gs://s4l-models/rotation") as e:
+        import_tfhub(f"gs://{OBJ}", tmp_path / "a.pt", cache=tmp_path / "c", progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "a.pt").exists()

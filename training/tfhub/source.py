@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import http.client
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import shutil
 import struct
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -238,8 +240,8 @@ def _open(url: str, headers: dict[str, str] | None = None):
         if e.code == 416:
             return e
         raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"{url}: {getattr(e, 'reason', e)}") from e
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise ConnectionError(f"{url}: {getattr(e, 'reason', e)!r}") from e
 
 
 def _gcs_list(bucket: str, prefix: str) -> dict[str, tuple[int, int | None]]:
@@ -289,7 +291,9 @@ def _fetch(url: str, dest: Path, size: int | None, crc: int | None, progress: bo
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".partial")
     last_error = None
-    for _attempt in range(RETRIES):
+    for attempt in range(RETRIES):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))  # a short back-off before resuming
         have = part.stat().st_size if part.exists() else 0
         if size is not None and have > size:
             part.unlink()
@@ -345,8 +349,8 @@ def _fetch_once(url: str, part: Path, have: int, size: int | None, progress: boo
                 while True:
                     try:
                         chunk = r.read(1 << 20)
-                    except (OSError, ValueError) as e:
-                        raise ConnectionError(f"{url}: {e}") from e
+                    except (OSError, ValueError, http.client.HTTPException) as e:
+                        raise ConnectionError(f"{url}: {e!r}") from e
                     if not chunk:
                         break
                     f.write(chunk)
