@@ -112,6 +112,8 @@ class Method:
     teacher: str | None = None     # a method whose final run (same seed) pseudo-labels the data
     sweep: bool = True             # False: the preset's hyper-parameters, no sweep
     set: tuple[tuple[str, Any], ...] = ()
+    grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # this method's values of some of the
+                                   # study's sweep keys (the others: the study's lists)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +216,7 @@ def load_study(path: str | os.PathLike) -> Study:
         if m.get("pretrain"):
             get_preset(m["pretrain"])
         methods.append(Method(**{**m, "set": _pairs(m.get("set"), f"method {m['key']}.set"),
+                                 "grid": _pairs(m.get("grid"), f"method {m['key']}.grid"),
                                  "label": m.get("label", m["key"])}))
     keys = [m.key for m in methods]
     if len(set(keys)) != len(keys):
@@ -238,6 +241,13 @@ def load_study(path: str | os.PathLike) -> Study:
             raise UserError(f"{path}: sweep key {k!r}; the sweep is over {SWEEP_KEYS}")
         if not isinstance(v, tuple) or not v:
             raise UserError(f"{path}: sweep.{k} must be a non-empty list")
+    for m in methods:
+        for k, v in m.grid:
+            if k not in dict(sweep):
+                raise UserError(f"{path}: method {m.key!r}: grid key {k!r} is not a sweep key "
+                                f"of the study ({[k for k, _ in sweep]})")
+            if not isinstance(v, tuple) or not v:
+                raise UserError(f"{path}: method {m.key!r}: grid.{k} must be a non-empty list")
     diags = []
     for d in raw.get("diagnosis", []):
         bad = sorted(set(d) - {f.name for f in dataclasses.fields(Diagnosis)})
@@ -505,9 +515,12 @@ class Planner:
         """The run that trains: itself, or the run it is the same config as."""
         return self.runs[run.alias_of] if run.alias_of else run
 
-    def grid(self) -> list[dict[str, Any]]:
+    def grid(self, m: Method | None = None) -> list[dict[str, Any]]:
+        """The sweep's points (for `m`: with its own lists where it gives some), in order."""
+        own = dict(m.grid) if m else {}
         keys = [k for k, _ in self.study.sweep]
-        return [dict(zip(keys, vals)) for vals in itertools.product(*(v for _, v in self.study.sweep))]
+        lists = [own.get(k, v) for k, v in self.study.sweep]
+        return [dict(zip(keys, vals)) for vals in itertools.product(*lists)]
 
     @staticmethod
     def tag(hyper: dict[str, Any]) -> str:
@@ -528,7 +541,7 @@ class Planner:
             return {"hyper": {}, "selected_on": "none: the preset's hyper-parameters",
                     "run": None}
         cands = []
-        for hyper in self.grid():
+        for hyper in self.grid(m):
             run = self.runs[f"sweep/{m.key}/{self.tag(hyper)}/seed0"]
             rec = self.result(run)
             if rec is None or rec.get("heldout_top1") is None:
@@ -547,19 +560,18 @@ class Planner:
     # ---------------------------------------------------------------- the plan
     def build(self) -> list[Run]:
         s = self.study
-        first = dict(zip([k for k, _ in s.sweep], [v[0] for _, v in s.sweep]))
         for m in s.methods:
             if s.sweep and m.sweep:
                 if m.teacher:
                     raise UserError(f"study {s.name}: method {m.key!r} has a teacher: it cannot "
                                     "be swept (sweep = false)")
-                for hyper in self.grid():
+                for hyper in self.grid(m):
                     pairs, deps, kw, _ = self._inputs(m, 0)  # a stage only: no teacher + sweep
                     self.add(f"sweep/{m.key}/{self.tag(hyper)}/seed0", m, "sweep", 0,
                              [*m.set, *hyper.items(), *pairs], hyper, deps=deps, **kw)
         for m in s.methods:
             sel = self.select(m)
-            self.selection[m.key] = sel or {"hyper": first, "pending": True}
+            self.selection[m.key] = sel or {"hyper": self.grid(m)[0], "pending": True}
         for m in s.methods:
             sel = self.selection[m.key]
             hyper, pending = sel["hyper"], sel.get("pending", False)
@@ -1209,6 +1221,7 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
         "label_file": str(planner.label_file) if planner.label_file else None,
         "label_file_sha256": file_sha256(planner.label_file) if planner.label_file else None,
         "common_overrides": dict(study.common), "sweep": {k: list(v) for k, v in study.sweep},
+        "method_grids": {m.key: {k: list(v) for k, v in m.grid} for m in study.methods if m.grid},
         "selection": {k: v for k, v in planner.selection.items()},
         "summary": summary(planner, ledger), "convergence": conv,
         "analyses": analyses, "diagnosis": diagnosis, "runs": runs + kept,
@@ -1546,8 +1559,11 @@ def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
     if doc["common_overrides"]:
         out.append("- every run: " + ", ".join(f"`{k}={v}`" for k, v in doc["common_overrides"].items()))
     if doc["sweep"]:
-        out.append("- sweep (seed 0, each method the same grid): " + " x ".join(
-            f"`{k}` in {v}" for k, v in doc["sweep"].items()))
+        own = doc.get("method_grids") or {}
+        out.append(f"- sweep (seed 0, {'each method the same grid' if not own else 'the grid'}): "
+                   + " x ".join(f"`{k}` in {v}" for k, v in doc["sweep"].items())
+                   + "".join(f"; {m}: " + ", ".join(f"`{k}` in {v} only" for k, v in g.items())
+                             for m, g in own.items()))
     staged = any(r.get("earlier_stages") for r in doc["summary"])
     if staged:
         stage = doc.get("stage_schedule") or doc["schedule"]
