@@ -64,7 +64,9 @@ class ModuleFiles:
         return self.root / VARS
 
     def variable_files(self) -> list[Path]:
-        return sorted(self.root.glob("variables/variables.*"))
+        """The bundle's files (index + data shards), nothing else that lies beside them."""
+        return sorted(p for p in self.root.glob("variables/variables.*")
+                      if f"variables/{p.name}" == INDEX or _SHARD.match(f"variables/{p.name}"))
 
 
 def cache_dir() -> Path:
