@@ -194,6 +194,7 @@ class OnnxEncoder(Encoder):
             report = parity_gate(model.run, self._run_onnxruntime, images, precision=chosen,
                              source=source, metadata=self._meta)
         if not report.passed:
+            model.close()
             raise UserError(f"openvino {chosen} failed the parity gate on {self.path}: "
                             f"{report.summary()}")
         log.info("openvino %s (%s) passed the parity gate: %s", chosen, support.reason, report.summary())

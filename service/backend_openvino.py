@@ -154,8 +154,11 @@ class OpenVinoModel:
                     for n, o in zip(self.output_names, self.compiled.outputs)}
 
     def close(self) -> None:
-        self.compiled = None  # type: ignore[assignment]
-        self._request = None
+        # The request before the model it belongs to, the model before its Core.
+        with self._lock:
+            self._request = None
+            self.compiled = None  # type: ignore[assignment]
+            self.core = None
 
 
 # -- the parity gate ---------------------------------------------------------------------------
@@ -316,6 +319,7 @@ class OpenVinoBackend:
             report = parity_gate(self.model.run, self._reference.run, images, precision="fp32",
                                  source=source, heads=heads, metadata=self.info.metadata)
         if not report.passed:
+            self.close()  # nothing of a refused backend stays loaded
             raise ModelLoadError(f"openvino {report.precision} failed the parity gate on "
                                  f"{self.path}: {report.summary()}")
         log.info("openvino %s parity gate passed: %s", report.precision, report.summary())
@@ -338,6 +342,7 @@ class OpenVinoBackend:
         self.model.close()
         if self._reference is not None:
             self._reference.close()
+            self._reference = None
 
 
 def open_openvino_backend(settings, heads=None) -> OpenVinoBackend:
