@@ -1,6 +1,6 @@
 """Training throughput: supervised vs S4L-Rotation steps, fp32 vs bf16, synthetic vs real JPEGs.
 
-Measures training images/s of the trainer's own step (`s4l.training.trainer._train_step`:
+Measures training images/s of the trainer's own step (`s4l.training.trainer.train_step`:
 forward + backward + SGD update, objective from the OBJECTIVES table) at standard width
 (width 1, 224 px) by default, and reports ratios measured in the same run:
 
@@ -40,7 +40,7 @@ from s4l.training.config import OptimConfig
 from s4l.training.distributed import DistEnv
 from s4l.training.model import ModelSpec, build_model
 from s4l.training.objectives import ObjectiveConfig, build_objective
-from s4l.training.trainer import _autocast, _train_step, build_optimizer
+from s4l.training.trainer import build_optimizer, precision_autocast, train_step
 
 log = logging.getLogger("train_throughput")
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,15 +82,15 @@ def measure(name: str, *, width: float, size: int, batch: int, steps: int, warmu
         model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, OptimConfig(lr=0.01))
     env = DistEnv(device=dev)
-    ac = _autocast(precision, dev)
+    ac = precision_autocast(precision, dev)
     data = batches if batches is not None else iter(_synthetic_batches(obj, batch, size, 4) * 10_000)
     model.train()
     for _ in range(warmup):
-        _train_step(model, obj, opt, _split(next(data), bn_shards), dev, ac, None, env)
+        train_step(model, obj, opt, _split(next(data), bn_shards), dev, ac, None, env)
     _sync(dev)
     t0 = time.perf_counter()
     for _ in range(steps):
-        m = _train_step(model, obj, opt, _split(next(data), bn_shards), dev, ac, None, env)
+        m = train_step(model, obj, opt, _split(next(data), bn_shards), dev, ac, None, env)
     m["loss"].item()
     _sync(dev)
     dt = (time.perf_counter() - t0) / steps

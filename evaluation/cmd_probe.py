@@ -40,35 +40,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def build_settings(args: argparse.Namespace):
-    from s4l.errors import UserError
-    from s4l.evaluation.probe import ProbeSettings, SGDSettings, parse_schedules
+    from s4l.evaluation.report import probe_settings
 
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
-    if args.knn_k < 0 or args.knn_temperature <= 0:
-        raise UserError("--knn-k must be >= 0 and --knn-temperature > 0")
-    if not 0.0 <= args.holdout < 1.0:
-        raise UserError("--holdout must be in [0, 1)")
-    wd: float | str = args.wd
-    if wd != "auto":
-        try:
-            wd = float(wd)
-        except ValueError:
-            raise UserError(f"--wd must be a number or 'auto', got {args.wd!r}") from None
-    return ProbeSettings(
-        solvers=tuple(args.solver),
-        schedules=parse_schedules(args.schedules),
-        sgd=SGDSettings(batch_size=args.batch_size, base_lr=args.lr, seed=args.seed,
-                        device=args.device),
-        weight_decay=wd,
-        cs=tuple(args.cs),
-        holdout=args.holdout,
-        sklearn_max_rows=args.sklearn_max_rows,
-        standardize=not args.no_standardize,
-        seed=args.seed,
-        knn_k=args.knn_k,
-        knn_temperature=args.knn_temperature,
-    )
+    return probe_settings(
+        solvers=args.solver, schedules=args.schedules, batch_size=args.batch_size, lr=args.lr,
+        wd=args.wd, cs=args.cs, holdout=args.holdout, sklearn_max_rows=args.sklearn_max_rows,
+        standardize=not args.no_standardize, knn_k=args.knn_k,
+        knn_temperature=args.knn_temperature, device=args.device, seed=args.seed)
 
 
 def main(args: argparse.Namespace) -> int:

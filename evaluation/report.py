@@ -21,12 +21,38 @@ import numpy as np
 from s4l import __version__
 from s4l.errors import UserError
 from s4l.evaluation.features import FeatureFile, check_pair
-from s4l.evaluation.probe import FileRows, ProbeSettings, fit_probe
+from s4l.evaluation.probe import FileRows, ProbeSettings, SGDSettings, fit_probe, parse_schedules
 from s4l.heads import from_standardized, save_head
 from s4l.io import atomic_path, atomic_write_json
 from s4l.provenance import file_sha256
 
 log = logging.getLogger(__name__)
+
+
+def probe_settings(*, solvers: Sequence[str] = ("sklearn", "sgd"), schedules: str | None = None,
+                   batch_size: int = 256, lr: float = 0.1, wd: float | str = "auto",
+                   cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0), holdout: float = 0.2,
+                   sklearn_max_rows: int = 200_000, standardize: bool = True, knn_k: int = 20,
+                   knn_temperature: float = 0.07, device: str | None = None,
+                   seed: int = 0) -> ProbeSettings:
+    """The probe's settings from `s4l probe`'s options (the same names and defaults), checked:
+    `schedules` is a spec such as "short=30,long=520", `wd` a number or "auto"."""
+    if batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    if knn_k < 0 or knn_temperature <= 0:
+        raise UserError("--knn-k must be >= 0 and --knn-temperature > 0")
+    if not 0.0 <= holdout < 1.0:
+        raise UserError("--holdout must be in [0, 1)")
+    if wd != "auto":
+        try:
+            wd = float(wd)
+        except ValueError:
+            raise UserError(f"--wd must be a number or 'auto', got {wd!r}") from None
+    return ProbeSettings(
+        solvers=tuple(solvers), schedules=parse_schedules(schedules),
+        sgd=SGDSettings(batch_size=batch_size, base_lr=lr, seed=seed, device=device),
+        weight_decay=wd, cs=tuple(cs), holdout=holdout, sklearn_max_rows=sklearn_max_rows,
+        standardize=standardize, seed=seed, knn_k=knn_k, knn_temperature=knn_temperature)
 
 
 def probe_files(

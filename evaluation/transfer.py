@@ -9,7 +9,6 @@ which also draws the learning curves). Every step is skipped when its output exi
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,10 +33,8 @@ def transfer_probe(ckpts: Mapping[str, str | Path], root: str | Path, workdir: s
                    ) -> dict[str, Any]:
     """Features of `root`'s train / val splits for every checkpoint, then the probes; returns
     probe_files' report (one result per checkpoint, in order) with `backbones` added."""
-    from s4l.evaluation.cmd_probe import build_settings
-    from s4l.evaluation.cmd_probe import configure as probe_configure
     from s4l.evaluation.extract import ExtractConfig, extract
-    from s4l.evaluation.report import probe_files
+    from s4l.evaluation.report import probe_files, probe_settings
 
     root, workdir = Path(root), Path(workdir)
     data = {split: (subset_list(root, split, per_class, workdir / "lists" / f"{split}.txt")
@@ -50,15 +47,12 @@ def transfer_probe(ckpts: Mapping[str, str | Path], root: str | Path, workdir: s
             if not out.exists():
                 extract(ExtractConfig(model=str(ck), data=data[split], out=str(out), split=split))
             feats[name, split] = out
-    pa = argparse.ArgumentParser()
-    probe_configure(pa)
-    pargs = pa.parse_args(["--train", "x", "--val", "x", "--out", "x", "--schedules", schedules])
     probe_dir = workdir / "probe"
     report_path = probe_dir / "report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())
     else:
         report = probe_files([feats[n, "train"] for n in ckpts], [feats[n, "val"] for n in ckpts],
-                             probe_dir, build_settings(pargs))
+                             probe_dir, probe_settings(schedules=schedules))
     report["backbones"] = list(ckpts)
     return report

@@ -137,7 +137,7 @@ SMOKE = sorted(n for n, p in PRESETS.items() if p.smoke)
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    from s4l.training.pseudo_label import pseudo_label
+    from s4l.training.teacher_labels import pseudo_label
     from s4l.training.trainer import train
 
     root = tmp_path_factory.mktemp("smoke-artifacts")
@@ -163,3 +163,24 @@ def test_smoke_variant_runs_end_to_end(name, artifacts, tmp_path):
         assert not any(k.endswith("top1") for k in final)  # no class head to evaluate
     else:
         assert 0.0 <= final["eval/top1"] <= 100.0 and final["eval/top5"] >= final["eval/top1"]
+
+
+def test_the_paper_numbers_live_in_one_table():
+    """training/paper.py is the one table of the paper's numbers: every preset row's number is
+    built from it, and the rows' docstrings and docs/reproducing.md quote the same figures."""
+    from pathlib import Path
+
+    from s4l.training import paper
+
+    reproducing = (Path(__file__).resolve().parents[1] / "docs" / "reproducing.md").read_text()
+    for row in ROWS:
+        if row.number == "-":
+            continue
+        figures = row.number.replace("top-5 ", "").replace("top-1 ", "").split(" / ")
+        for fig in figures:
+            assert fig in row.doc, (row.name, fig)
+    for key, cols in paper.TABLE1.items():
+        for col in ("10", "1"):
+            assert f"{cols[f'top5_{col}']:.2f}" in reproducing, (key, col)
+    assert {r.number for r in ROWS if r.table == "Table 2"} == {
+        paper.number(paper.TABLE2, k) for k in paper.TABLE2}

@@ -13,7 +13,7 @@ from s4l.imaging import PreprocessSpec, eval_crop
 from s4l.training import config as C
 from s4l.training.checkpoint import file_sha256, read_checkpoint
 from s4l.training.presets import get_preset
-from s4l.training.pseudo_label import (
+from s4l.training.teacher_labels import (
     five_crops,
     load_pseudo_label_file,
     pseudo_label,
@@ -101,12 +101,12 @@ def test_teacher_config_gives_the_labelled_subset_by_default(teacher, teacher_la
 
 def test_student_trains_on_all_images_with_the_file_labels(teacher_labels, tmp_path):
     from s4l.training.distributed import DistEnv
-    from s4l.training.trainer import _Data
+    from s4l.training.run_data import RunData
 
     out, _ = teacher_labels
     cfg = C.apply_overrides(get_preset("pseudo-label-10pct-smoke").config,
                             [("data.pseudo_labels", str(out))])
-    data = _Data(cfg, DistEnv())
+    data = RunData(cfg, DistEnv())
     assert data.labelled == data.unlabelled and data.n_labelled == len(data.source) - 10
     assert data.label_override == read_pseudo_labels(out, data.source)
     final = train(cfg, tmp_path / "student", progress=False)
@@ -142,7 +142,7 @@ def test_self_supervised_teacher_cannot_label(tmp_path):
 
 
 def test_moam_pipeline_at_smoke_size(tmp_path):
-    from s4l.training.moam import run_moam
+    from s4l.training.moam_pipeline import run_moam
 
     s = run_moam("builtin:digits", tmp_path, smoke=True, progress=False)
     stages = s["stages"]

@@ -217,7 +217,7 @@ def test_pseudo_label_accepts_an_imagenet_folder_named_by_wnid(tmp_path, importe
     wnid: `s4l pseudo-label` matches them through the wnids the import records."""
     from PIL import Image
 
-    import s4l.training.pseudo_label as pl
+    import s4l.training.teacher_labels as pl
     from s4l.training.tfhub.importer import imagenet_classes
 
     for w, _ in imagenet_classes():

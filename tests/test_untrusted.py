@@ -315,7 +315,7 @@ def test_label_map_refusals(tmp_path, case):
 def test_oversized_json_files_are_refused_unread(tmp_path):
     from s4l.datasets import LABEL_MAP_MAX_BYTES, read_label_map
     from s4l.training import config as C
-    from s4l.training.pseudo_label import PSEUDO_LABEL_MAX_BYTES, load_pseudo_label_file
+    from s4l.training.teacher_labels import PSEUDO_LABEL_MAX_BYTES, load_pseudo_label_file
 
     big = hostile.oversized_file(tmp_path / "big.json", LABEL_MAP_MAX_BYTES + 1)
     with pytest.raises(UserError, match="limit"):
@@ -333,7 +333,7 @@ def test_oversized_json_files_are_refused_unread(tmp_path):
 
 @pytest.mark.parametrize("case", sorted(hostile.pseudo_label_docs()))
 def test_pseudo_label_file_refusals(tmp_path, case):
-    from s4l.training.pseudo_label import load_pseudo_label_file
+    from s4l.training.teacher_labels import load_pseudo_label_file
 
     doc, fragment = hostile.pseudo_label_docs()[case]
     p = tmp_path / "p.json"

@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
-    from s4l.training.pseudo_label import pseudo_label
+    from s4l.training.teacher_labels import pseudo_label
 
     summary = pseudo_label(args.checkpoint, args.data, args.out, labels=args.labels,
                            split=args.split, batch_size=args.batch_size, workers=args.workers,

@@ -24,6 +24,7 @@ import inspect
 from collections.abc import Callable
 
 from s4l.errors import UserError
+from s4l.training import paper
 from s4l.training.config import (
     BNConfig,
     CheckpointConfig,
@@ -511,7 +512,7 @@ def moam_step1(scale: str) -> TrainConfig:
     one-epoch half-life (used for evaluation and export).
     Command: s4l train --preset moam-step1 --data IMAGENET --workdir runs/moam/step1
              --labels s4l-label-maps/label_map_count_128000_index_0
-    (or all three steps: python -m s4l.training.moam --data IMAGENET --workdir runs/moam ...)
+    (or all three steps: s4l moam --data IMAGENET --workdir runs/moam ...)
     """
     # The MOAM weights and eps 32 are ObjectiveConfig's moam_* defaults.
     return _base(scale, objective=_obj("moam"), lr=0.1, wd=2e-4, batch=128, sched=SCHED_MOAM,
@@ -559,45 +560,56 @@ def supervised_4x(scale: str) -> TrainConfig:
 
 
 T1, T2 = "Table 1", "Table 2"
+
+
+def T1N(key: str, labels: str) -> str:
+    return paper.number(paper.TABLE1, key, labels)
+
+
+def T2N(key: str) -> str:
+    return paper.number(paper.TABLE2, key)
+
+
+# The paper's numbers come from training/paper.py, the one table of them.
 ROWS: tuple[Row, ...] = (
-    Row("supervised-10pct", T1, "Supervised baseline, 10%", "top-5 80.43", supervised_10),
-    Row("supervised-1pct", T1, "Supervised baseline, 1%", "top-5 48.43", supervised_1),
-    Row("pseudo-label-10pct", T1, "Pseudo-labels, 10%", "top-5 82.41", pseudo_label_10,
+    Row("supervised-10pct", T1, "Supervised baseline, 10%", T1N("supervised", "10"), supervised_10),
+    Row("supervised-1pct", T1, "Supervised baseline, 1%", T1N("supervised", "1"), supervised_1),
+    Row("pseudo-label-10pct", T1, "Pseudo-labels, 10%", T1N("pseudo-labels", "10"), pseudo_label_10,
         ("data.pseudo_labels",)),
-    Row("pseudo-label-1pct", T1, "Pseudo-labels, 1%", "top-5 51.56", pseudo_label_1,
+    Row("pseudo-label-1pct", T1, "Pseudo-labels, 1%", T1N("pseudo-labels", "1"), pseudo_label_1,
         ("data.pseudo_labels",)),
-    Row("vat-10pct", T1, "VAT, 10%", "top-5 82.78", vat_10),
-    Row("vat-1pct", T1, "VAT, 1%", "top-5 44.05", vat_1),
-    Row("vat-entmin-10pct", T1, "VAT + EntMin, 10%", "top-5 83.39", vat_entmin_10),
-    Row("vat-entmin-1pct", T1, "VAT + EntMin, 1%", "top-5 46.96", vat_entmin_1),
+    Row("vat-10pct", T1, "VAT, 10%", T1N("vat", "10"), vat_10),
+    Row("vat-1pct", T1, "VAT, 1%", T1N("vat", "1"), vat_1),
+    Row("vat-entmin-10pct", T1, "VAT + EntMin, 10%", T1N("vat-entmin", "10"), vat_entmin_10),
+    Row("vat-entmin-1pct", T1, "VAT + EntMin, 1%", T1N("vat-entmin", "1"), vat_entmin_1),
     Row("rotation-pretrain", T1, "Self-sup. Rotation (pretraining stage)", "-", rotation_pretrain),
     Row("exemplar-pretrain", T1, "Self-sup. Exemplar (pretraining stage)", "-", exemplar_pretrain),
-    Row("rotation-linear-10pct", T1, "Self-sup. Rotation + Linear, 10%", "top-5 39.75",
+    Row("rotation-linear-10pct", T1, "Self-sup. Rotation + Linear, 10%", T1N("rotation-linear", "10"),
         rotation_linear_10, ("init.checkpoint",)),
-    Row("rotation-linear-1pct", T1, "Self-sup. Rotation + Linear, 1%", "top-5 25.98",
+    Row("rotation-linear-1pct", T1, "Self-sup. Rotation + Linear, 1%", T1N("rotation-linear", "1"),
         rotation_linear_1, ("init.checkpoint",)),
-    Row("exemplar-linear-10pct", T1, "Self-sup. Exemplar + Linear, 10%", "top-5 32.32",
+    Row("exemplar-linear-10pct", T1, "Self-sup. Exemplar + Linear, 10%", T1N("exemplar-linear", "10"),
         exemplar_linear_10, ("init.checkpoint",)),
-    Row("exemplar-linear-1pct", T1, "Self-sup. Exemplar + Linear, 1%", "top-5 21.33",
+    Row("exemplar-linear-1pct", T1, "Self-sup. Exemplar + Linear, 1%", T1N("exemplar-linear", "1"),
         exemplar_linear_1, ("init.checkpoint",)),
-    Row("rotation-finetune-10pct", T1, "Self-sup. Rotation + Fine-tune, 10%", "top-5 78.53",
+    Row("rotation-finetune-10pct", T1, "Self-sup. Rotation + Fine-tune, 10%", T1N("rotation-finetune", "10"),
         rotation_finetune_10, ("init.checkpoint",)),
-    Row("rotation-finetune-1pct", T1, "Self-sup. Rotation + Fine-tune, 1%", "top-5 45.11",
+    Row("rotation-finetune-1pct", T1, "Self-sup. Rotation + Fine-tune, 1%", T1N("rotation-finetune", "1"),
         rotation_finetune_1, ("init.checkpoint",)),
-    Row("exemplar-finetune-10pct", T1, "Self-sup. Exemplar + Fine-tune, 10%", "top-5 81.01",
+    Row("exemplar-finetune-10pct", T1, "Self-sup. Exemplar + Fine-tune, 10%", T1N("exemplar-finetune", "10"),
         exemplar_finetune_10, ("init.checkpoint",)),
-    Row("exemplar-finetune-1pct", T1, "Self-sup. Exemplar + Fine-tune, 1%", "top-5 44.90",
+    Row("exemplar-finetune-1pct", T1, "Self-sup. Exemplar + Fine-tune, 1%", T1N("exemplar-finetune", "1"),
         exemplar_finetune_1, ("init.checkpoint",)),
-    Row("s4l-rotation-10pct", T1, "S4L-Rotation, 10%", "top-5 83.82", s4l_rotation_10),
-    Row("s4l-rotation-1pct", T1, "S4L-Rotation, 1%", "top-5 53.37", s4l_rotation_1),
-    Row("s4l-exemplar-10pct", T1, "S4L-Exemplar, 10%", "top-5 83.72", s4l_exemplar_10),
-    Row("s4l-exemplar-1pct", T1, "S4L-Exemplar, 1%", "top-5 47.02", s4l_exemplar_1),
-    Row("moam-step1", T2, "MOAM step 1, 10%", "top-5 88.80 / top-1 69.73", moam_step1),
-    Row("moam-pseudo-label", T2, "MOAM + pseudo label, 10%", "top-5 89.96 / top-1 71.56",
+    Row("s4l-rotation-10pct", T1, "S4L-Rotation, 10%", T1N("s4l-rotation", "10"), s4l_rotation_10),
+    Row("s4l-rotation-1pct", T1, "S4L-Rotation, 1%", T1N("s4l-rotation", "1"), s4l_rotation_1),
+    Row("s4l-exemplar-10pct", T1, "S4L-Exemplar, 10%", T1N("s4l-exemplar", "10"), s4l_exemplar_10),
+    Row("s4l-exemplar-1pct", T1, "S4L-Exemplar, 1%", T1N("s4l-exemplar", "1"), s4l_exemplar_1),
+    Row("moam-step1", T2, "MOAM step 1, 10%", T2N("moam-step1"), moam_step1),
+    Row("moam-pseudo-label", T2, "MOAM + pseudo label, 10%", T2N("moam-pseudo-label"),
         moam_pseudo_label, ("data.pseudo_labels",)),
-    Row("moam-finetune", T2, "MOAM full (step 3 fine-tune), 10%", "top-5 91.23 / top-1 73.21",
+    Row("moam-finetune", T2, "MOAM full (step 3 fine-tune), 10%", T2N("moam-finetune"),
         moam_finetune, ("init.checkpoint",)),
-    Row("supervised-4x", T2, "4x wide supervised, 10%", "top-5 81.29 / top-1 58.15",
+    Row("supervised-4x", T2, "4x wide supervised, 10%", T2N("supervised-4x"),
         supervised_4x),
 )
 

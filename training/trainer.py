@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -37,17 +36,28 @@ from torch import nn
 
 from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec
+from s4l.io import atomic_write_json
 from s4l.training import checkpoint as ckpt_io
 from s4l.training import config as C
 from s4l.training import distributed as D
 from s4l.training.ema import EMA, ema_decay
+from s4l.training.metrics import METRICS_FILE, MetricsWriter, read_metrics, truncate_metrics
 from s4l.training.model import ModelSpec, S4LModel, build_model
 from s4l.training.objectives import Objective, build_objective, predict_logits, unwrap_model
+from s4l.training.run_data import RunData, ShardStream
+from s4l.training.saver import CheckpointSaver
 from s4l.training.schedule import StepSchedule, set_lr
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
+# Public names of the modules the trainer was split into, importable from here as before (a
+# study process started before the split imports them from this module); `_Data` is the old
+# name of RunData.
+__all__ = ["METRICS_FILE", "CheckpointSaver", "MetricsWriter", "Plan", "RunData", "ShardStream",
+           "TrainingDiverged", "build_optimizer", "evaluate", "make_plan", "read_metrics",
+           "precision_autocast", "train", "train_step", "truncate_metrics"]
+_Data = RunData
+
 CONFIG_FILE = "config.json"
 FINAL_FILE = "final_metrics.json"
 
@@ -149,7 +159,7 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
         log.info("bf16 autocast on CPU")
 
     # ---------------------------------------------------------------- data (sources)
-    data = _Data(cfg, env)
+    data = RunData(cfg, env)
     class_names = data.class_names
 
     # ---------------------------------------------------------------- model + objective
@@ -198,7 +208,7 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
         init_info = state.get("provenance", {}).get("init") or init_info
         log.info("resumed from %s at step %d", resume_path, step)
         if env.is_main:
-            _truncate_metrics(workdir / METRICS_FILE, step)
+            truncate_metrics(workdir / METRICS_FILE, step)
 
     train_model: nn.Module = model
     if env.enabled:
@@ -207,10 +217,10 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    writer = _Metrics(workdir, env.is_main, purge_step=step if resume_path else None)
+    writer = MetricsWriter(workdir, env.is_main, purge_step=step if resume_path else None)
     preprocess = PreprocessSpec(resize=cfg.data.eval_resize, crop=cfg.data.image_size,
                                 interpolation="area")
-    saver = _Saver(workdir, cfg, spec, class_names, preprocess, env, init_info)
+    saver = CheckpointSaver(workdir, cfg, spec, class_names, preprocess, env, init_info)
     saver.last_saved = step if resume_path is not None else None
 
     # ---------------------------------------------------------------- loop
@@ -228,7 +238,7 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
                 f"process(es), this run has {env.world_size}: exact resume needs the same "
                 "number of processes (each has its own RNG stream)")
         ckpt_io.set_rng_state(rng[env.rank])
-    autocast = _autocast(cfg.precision, dev)
+    autocast = precision_autocast(cfg.precision, dev)
     bad_step = torch.full((), -1, dtype=torch.long, device=dev)
     sums: dict[str, torch.Tensor] = {}
     n_sums = 0
@@ -244,7 +254,7 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
             set_lr(optimizer, lr)
             objective.train_mode(model)
             shards = next(stream)
-            metrics = _train_step(train_model, objective, optimizer, shards, dev, autocast,
+            metrics = train_step(train_model, objective, optimizer, shards, dev, autocast,
                                   cfg.optim.grad_clip, env)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(metrics["loss"]),
                                    torch.full_like(bad_step, step), bad_step)
@@ -300,134 +310,10 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
     return final
 
 
-# ============================================================================ data
-
-
-class _Data:
-    """The run's images: training source, labelled / unlabelled / held-out index lists, the
-    eval split, and the training stream cut into BN shards (`s4l.training.data` does the
-    deterministic, resumable, rank-sliced loading)."""
-
-    def __init__(self, cfg: C.TrainConfig, env: D.DistEnv) -> None:
-        from s4l.datasets import check_same_classes, open_source, training_subsets
-
-        d = cfg.data
-        self.cfg, self.env = cfg, env
-        self.source = open_source(d.root, d.train_split)
-        self.class_names = list(self.source.classes)
-        if len(self.class_names) < 2:
-            raise UserError(f"{d.root} has {len(self.class_names)} class(es); need at least 2")
-        sub = training_subsets(self.source, label_map=d.labels,
-                               labels_per_class=d.labels_per_class,
-                               label_fraction=d.label_fraction, label_seed=d.label_seed,
-                               val_per_class=d.val_per_class)
-        self.labelled, self.unlabelled, self.heldout = sub.labelled, sub.unlabelled, sub.val
-        self.label_override = None
-        if d.pseudo_labels:
-            from s4l.training.pseudo_label import read_pseudo_labels
-
-            if any(v is not None for v in (d.labels, d.labels_per_class, d.label_fraction)):
-                raise UserError("data.pseudo_labels trains on ALL images with the file's labels; "
-                                "do not also give a labelled subset (--labels*)")
-            # The student's labelled stream is every training image (minus the held-out ones)
-            # with the file's hard labels: ground truth where labelled, the teacher's otherwise.
-            self.label_override = read_pseudo_labels(d.pseudo_labels, self.source)
-            self.labelled = list(self.unlabelled)
-        self.eval_source = open_source(d.root, d.eval_split)
-        check_same_classes(self.source, self.eval_source)
-        self.n_labelled = len(self.labelled)
-        self.n_unlabelled = len(self.unlabelled)
-
-    def stream(self, objective: Objective, plan: Plan, env: D.DistEnv) -> _ShardStream:
-        from s4l.training.data import make_train_loaders
-
-        d, o = self.cfg.data, self.cfg.optim
-        common = dict(image_size=d.image_size, copies=objective.copies, hsv_noise=d.hsv_noise,
-                      crop_min_area=d.crop_min_area, augment=d.augment, pad=d.pad_crop,
-                      seed=self.cfg.seed, rank=env.rank,
-                      world_size=env.world_size, workers=d.workers)
-        if objective.uses_labelled:
-            data = make_train_loaders(
-                self.source, self.labelled, self.unlabelled, batch_size=o.batch_size,
-                unsup_batch_size=o.batch_size * o.unsup_batch_mult if objective.uses_unlabelled
-                else 0, labels=self.label_override, **common)
-        else:
-            # Purely self-supervised: the one stream is the whole split (no labels used).
-            data = make_train_loaders(self.source, self.unlabelled, None,
-                                      batch_size=o.batch_size * o.unsup_batch_mult, **common)
-        return _ShardStream(data, objective, plan)
-
-    def eval_loaders(self) -> dict[str, Any]:
-        """{"eval": the eval split, "heldout": the tiny validation split (if any)}; built once."""
-        if getattr(self, "_eval_loaders", None) is None:
-            self._eval_loaders = self._make_eval_loaders()
-        return self._eval_loaders
-
-    def _make_eval_loaders(self) -> dict[str, Any]:
-        from s4l.training.data import make_eval_loader
-
-        d = self.cfg.data
-        spec = PreprocessSpec(resize=d.eval_resize, crop=d.image_size, interpolation="area")
-        kw = dict(spec=spec, batch_size=d.eval_batch_size, workers=min(d.workers, 2),
-                  rank=self.env.rank, world_size=self.env.world_size)
-        idx = None
-        if d.eval_limit is not None and d.eval_limit < len(self.eval_source):
-            # A fixed random subset (the split is sorted by class: its first N would be one class).
-            import numpy as np
-
-            idx = np.sort(np.random.default_rng(0).permutation(len(self.eval_source))[:d.eval_limit])
-        loaders = {"eval": make_eval_loader(self.eval_source, idx, **kw)}
-        if self.heldout:
-            loaders["heldout"] = make_eval_loader(self.source, self.heldout, **kw)
-        return loaders
-
-
-class _ShardStream:
-    """Yields, per step, this process's list of BN shards (batch dicts for the objective)."""
-
-    def __init__(self, data, objective: Objective, plan: Plan) -> None:
-        self.data, self.objective, self.plan = data, objective, plan
-        self._it = None
-
-    def __next__(self) -> list[dict[str, torch.Tensor]]:
-        # Starting DataLoader iterators (lazily, on the first next) draws worker base seeds from
-        # torch's global RNG; keep that out of the training RNG (VAT noise) so a resumed run,
-        # which starts its iterators at step k rather than 0, draws the same numbers as an
-        # uninterrupted one. Augmentation does not depend on it (seeded per sample by
-        # s4l.training.data).
-        with torch.random.fork_rng(devices=[]):
-            if self._it is None:
-                self._it = iter(self.data)
-            (x_l, y_l), unl = next(self._it)
-        obj, p = self.objective, self.plan
-        shards = []
-        for j in range(p.shards_per_process):
-            batch: dict[str, torch.Tensor] = {}
-            if obj.uses_labelled:
-                sl = slice(j * p.labelled_per_shard, (j + 1) * p.labelled_per_shard)
-                batch["labelled"], batch["labels"] = x_l[sl], y_l[sl]
-                if obj.uses_unlabelled:
-                    su = slice(j * p.unlabelled_per_shard, (j + 1) * p.unlabelled_per_shard)
-                    batch["unlabelled"] = unl[0][su]
-            else:
-                su = slice(j * p.unlabelled_per_shard, (j + 1) * p.unlabelled_per_shard)
-                batch["unlabelled"] = x_l[su]
-            shards.append(batch)
-        return shards
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.data.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._it is not None:
-            raise RuntimeError("load the data state before the first batch")
-        self.data.load_state_dict(state)
-
-
 # ============================================================================ pieces of a step
 
 
-def _train_step(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
                 shards: list[dict[str, torch.Tensor]], dev: torch.device, autocast,
                 grad_clip: float | None, env: D.DistEnv) -> dict[str, torch.Tensor]:
     """One optimiser step over this process's BN shards: mean of shard losses, one update."""
@@ -475,13 +361,13 @@ def build_optimizer(model: nn.Module, o: C.OptimConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov)
 
 
-def _autocast(precision: str, dev: torch.device):
+def precision_autocast(precision: str, dev: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _check_finite(bad_step: torch.Tensor, env: D.DistEnv, saver: _Saver) -> None:
+def _check_finite(bad_step: torch.Tensor, env: D.DistEnv, saver: CheckpointSaver) -> None:
     flag = bad_step.clone().reshape(1)
     if env.enabled:
         import torch.distributed as dist
@@ -518,7 +404,7 @@ def _evaluate(model: nn.Module, objective: Objective, data, cfg: C.TrainConfig,
               env: D.DistEnv, splits: Sequence[str] | None = None) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    autocast = _autocast(cfg.precision, env.device)
+    autocast = precision_autocast(cfg.precision, env.device)
     out: dict[str, float] = {}
     modes = [("", False)]
     if objective.rotation_eval and cfg.eval.rotation_average:
@@ -631,141 +517,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ============================================================================ checkpointing
-
-
-class _Saver:
-    """Writes the resume checkpoint (rank 0) with everything needed to continue exactly."""
-
-    def __init__(self, workdir: Path, cfg: C.TrainConfig, spec: ModelSpec,
-                 class_names: list[str], preprocess: PreprocessSpec, env: D.DistEnv,
-                 init_info: dict | None) -> None:
-        self.path = workdir / ckpt_io.RESUME_NAME
-        self.cfg, self.spec, self.class_names = cfg, spec, class_names
-        self.preprocess, self.env, self.init_info = preprocess, env, init_info
-        self.last_saved: int | None = None  # the step of the checkpoint on disk, if any
-
-    def saved_at(self, step: int) -> bool:
-        return self.last_saved == step
-
-    def save(self, step: int, plan: Plan, model: nn.Module, ema: EMA | None,
-             optimizer: torch.optim.Optimizer, stream) -> None:
-        env = self.env
-        # Every process's RNG state: VAT noise and dropout-free augmentation draw from them.
-        rng = ckpt_io.rng_state()
-        rngs = [rng]
-        if env.enabled:
-            import torch.distributed as dist
-
-            rngs = [None] * env.world_size
-            dist.all_gather_object(rngs, rng)
-        if env.is_main:
-            prov = ckpt_io.provenance()
-            prov["world_size"] = env.world_size
-            if self.init_info:
-                prov["init"] = self.init_info
-            payload = {
-                "model_spec": self.spec.to_dict(),
-                "model": _plain_state(model),
-                "ema": _plain_state(ema.module) if ema is not None else None,
-                "config": C.to_dict(self.cfg),
-                "config_hash": C.config_hash(self.cfg),
-                "class_names": self.class_names,
-                "preprocess": self.preprocess.to_dict(),
-                "step": step,
-                "epoch": step / plan.steps_per_epoch,
-                "optimizer": optimizer.state_dict(),
-                "rng": rngs,
-                "data_state": stream.state_dict(),
-                "provenance": prov,
-            }
-            try:
-                ckpt_io.save_checkpoint(self.path, payload)
-            except OSError as e:
-                prev = (f"the previous checkpoint {self.path} (step {self.last_saved}) is intact"
-                        if self.last_saved is not None else "no earlier checkpoint exists")
-                raise UserError(f"could not write the checkpoint at step {step} ({e}); {prev}. "
-                                "Free disk space and rerun the same command to resume.") from e
-            log.debug("checkpoint at step %d -> %s", step, self.path)
-        D.barrier(env)
-        self.last_saved = step
-
-
-def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict of the underlying S4LModel on CPU, with the plain (un-wrapped) key names."""
-    m = unwrap_model(model)
-    m = getattr(m, "_orig_mod", m)
-    return {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}
-
-
-# ============================================================================ metrics output
-
-
-class _Metrics:
-    """metrics.jsonl (one JSON object per line, "kind" = train/eval/final) and TensorBoard."""
-
-    def __init__(self, workdir: Path, enabled: bool, purge_step: int | None) -> None:
-        self.enabled = enabled
-        self.path = workdir / METRICS_FILE
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(workdir / "tb"), purge_step=purge_step)
-            except ImportError:
-                log.info("tensorboard not installed: metrics go to %s only", self.path)
-
-    def write(self, kind: str, record: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
-        rec = {"kind": kind, **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-        if self.tb is not None and "step" in rec:
-            for k, v in rec.items():
-                if k in ("step", "kind") or not isinstance(v, int | float) or isinstance(v, bool):
-                    continue
-                if isinstance(v, float) and not math.isfinite(v):
-                    continue
-                self.tb.add_scalar(f"{kind}/{k}", v, rec["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-            if rec.get("kind") != "final" and rec.get("step", 0) <= step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
-
-
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a workdir's metrics.jsonl."""
-    path = Path(workdir) / METRICS_FILE
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2, sort_keys=True, newline=True)
 
 
 def _fmt(metrics: Mapping[str, Any]) -> str:

@@ -18,7 +18,7 @@ The same pipeline as commands (each stage in its own workdir; each is resumable)
         --labels s4l-label-maps/label_map_count_128000_index_0 \\
         --set init.checkpoint=runs/moam/step2/checkpoint.pt
 
-or all of it: `python -m s4l.training.moam --data IMAGENET --workdir runs/moam --labels FILE`
+or all of it: `s4l moam --data IMAGENET --workdir runs/moam --labels FILE`
 (`--scale cifar10|imagenette` for the small-scale presets, `--smoke` for the seconds-long CPU
 variants). `run_moam` writes `moam.json` in the workdir: every stage's workdir, the artifact it
 came from (path + sha256) and its final metrics; each stage also writes `source.json`.
@@ -26,7 +26,6 @@ came from (path + sha256) and its final metrics; each stage also writes `source.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -62,7 +61,7 @@ def run_moam(data: str, workdir: str | os.PathLike, *, labels: str | None = None
     from s4l.training import config as C
     from s4l.training.checkpoint import file_sha256
     from s4l.training.presets import SCALES, get_preset
-    from s4l.training.pseudo_label import load_pseudo_label_file, pseudo_label
+    from s4l.training.teacher_labels import load_pseudo_label_file, pseudo_label
     from s4l.training.trainer import train
 
     if scale not in SCALES:
@@ -135,38 +134,3 @@ def run_moam(data: str, workdir: str | os.PathLike, *, labels: str | None = None
     summary["final_checkpoint"] = str(ck3)
     _write_json(root / "moam.json", summary)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m s4l.training.moam",
-                                     description="MOAM: step 1 -> pseudo-labels -> step 2 -> step 3")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--workdir", required=True)
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument("--labels")
-    g.add_argument("--labels-per-class", type=int)
-    g.add_argument("--label-fraction", type=float)
-    parser.add_argument("--scale", default="imagenet", help="imagenet, cifar10 or imagenette")
-    parser.add_argument("--smoke", action="store_true", help="the seconds-long CPU variants")
-    for stage in ("step1", "step2", "step3"):
-        parser.add_argument(f"--set-{stage}", action="append", default=[], metavar="KEY=VALUE",
-                            help=f"config override for {stage}")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        summary = run_moam(args.data, args.workdir, labels=args.labels,
-                           labels_per_class=args.labels_per_class,
-                           label_fraction=args.label_fraction, scale=args.scale, smoke=args.smoke,
-                           overrides={"step1": args.set_step1, "step2": args.set_step2,
-                                      "step3": args.set_step3},
-                           device=args.device, progress=not args.no_progress)
-    except UserError as e:
-        parser.exit(2, f"error: {e}\n")
-    log.info("MOAM done: %s", summary["final_checkpoint"])
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
