@@ -7,18 +7,6 @@ import os
 
 import pytest
 
-# The helpers moved to tests/support/ (issue 30 item 4); new code imports them from there. These
-# names stay importable from here for tests written against the old place.
-from support.net import free_port  # noqa: F401
-from support.server import (  # noqa: F401
-    CLASSES,
-    ROOT,
-    ServerProcess,
-    export_tiny,
-    jpeg_bytes,
-    make_checkpoint,
-)
-
 # -- checks of the helpers' assumptions and of small torch-free pieces --------------------------
 
 def test_available_cpus_respects_affinity_and_quota():
