@@ -16,6 +16,13 @@ DATA = "rotation/variables/variables.data-00000-of-00001"
 
 
 @pytest.fixture
+def marker(tmp_path):
+    m = tmp_path / "PAYLOAD_RAN"
+    yield m
+    assert not m.exists(), "a hostile module's payload ran"
+
+
+@pytest.fixture
 def bucket(tmp_path, monkeypatch):
     """A bucket `s4l-models` holding the rotation fixture as `rotation/`, served on loopback."""
     root = tmp_path / "gcs"
@@ -32,9 +39,11 @@ def test_gs_download_is_verified_cached_and_imported(tmp_path, bucket):
     cache = tmp_path / "cache"
     import_tfhub(f"gs://{OBJ}", tmp_path / "a.pt", cache=cache, progress=False)
     gets = [p for p, _ in bucket.data_gets()]
-    # only the weights travel: index + data shard, never the graph
-    assert sorted(gets) == [f"/{OBJ}/variables/variables.data-00000-of-00001",
-                            f"/{OBJ}/variables/variables.index"]
+    # the graph and ModuleDef first (checked before any weight is fetched), then the weights;
+    # never the assets
+    assert gets[:2] == [f"/{OBJ}/saved_model.pb", f"/{OBJ}/tfhub_module.pb"]
+    assert sorted(gets[2:]) == [f"/{OBJ}/variables/variables.data-00000-of-00001",
+                                f"/{OBJ}/variables/variables.index"]
     inf = load_for_inference(tmp_path / "a.pt")
     assert inf.spec.heads["rotation"] == 4
     assert (cache / "gs" / OBJ / "variables" / "variables.index").is_file()
@@ -87,13 +96,24 @@ def test_missing_module_in_the_bucket(tmp_path, bucket):
                      progress=False)
 
 
-def test_plain_module_url_downloads_index_then_shards(tmp_path, bucket):
+def _plain(monkeypatch) -> None:
+    """Make the loopback server's URLs plain module URLs (not the gs:// endpoint's, listed)."""
+    monkeypatch.setenv("S4L_GCS_ENDPOINT", "https://storage.invalid")
+
+
+def test_plain_module_url_downloads_index_then_shards(tmp_path, bucket, monkeypatch):
     """An https-style module folder URL (no listing): sizes from the server, bytes from the
     bundle's own checksums."""
     from s4l.training.tfhub.importer import import_tfhub
 
+    _plain(monkeypatch)
+
     import_tfhub(f"{bucket.url}/{OBJ}", tmp_path / "a.pt", cache=tmp_path / "c", progress=False)
     assert (tmp_path / "a.pt").is_file()
+    assert not any(p.startswith("/storage/") for p, _ in bucket.requests)  # no listing used
+    gets = [p for p, _ in bucket.data_gets()]
+    assert gets[:3] == [f"/{OBJ}/saved_model.pb", f"/{OBJ}/tfhub_module.pb",
+                        f"/{OBJ}/variables/variables.index"]
     # a damaged shard on the server: the tensor checksums catch it
     shard = bucket.root / "s4l-models" / DATA
     data = bytearray(shard.read_bytes())
@@ -135,3 +155,81 @@ def test_unreachable_server_is_one_clear_error(tmp_path, monkeypatch):
         import_tfhub(f"gs://{OBJ}", tmp_path / "a.pt", cache=tmp_path / "c", progress=False)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "a.pt").exists()
+
+
+# ----------------------------------------------------------------------------- hostile graphs
+
+
+def _spliced_py_func(bucket) -> None:
+    from support.tfhub import py_func_node, splice_graph
+
+    pb = bucket.root / "s4l-models" / "rotation" / "saved_model.pb"
+    pb.write_bytes(splice_graph(pb.read_bytes(), [py_func_node()]))
+
+
+def test_gs_module_with_a_hostile_graph_is_refused_before_its_weights_download(tmp_path, bucket):
+    from s4l.training.tfhub.importer import import_tfhub
+
+    _spliced_py_func(bucket)
+    with pytest.raises(UserError, match="uses op 'PyFunc', which runs Python code") as e:
+        import_tfhub(f"gs://{OBJ}", tmp_path / "a.pt", cache=tmp_path / "c", progress=False)
+    assert "\n" not in str(e.value) and "saved_model.pb" in str(e.value)
+    assert not (tmp_path / "a.pt").exists()
+    assert not any("/variables/" in p for p, _ in bucket.data_gets())
+
+
+def test_plain_url_with_a_pickle_graph_is_refused(tmp_path, bucket, marker, monkeypatch):
+    import pickle
+
+    from support.hostile import Payload
+
+    from s4l.training.tfhub.importer import import_tfhub
+
+    _plain(monkeypatch)
+    pb = bucket.root / "s4l-models" / "rotation" / "saved_model.pb"
+    pb.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(UserError, match="saved_model.pb does not parse as a SavedModel"):
+        import_tfhub(f"{bucket.url}/{OBJ}", tmp_path / "a.pt", cache=tmp_path / "c",
+                     progress=False)
+    assert not (tmp_path / "a.pt").exists()
+    assert not any("/variables/" in p for p, _ in bucket.data_gets())
+
+
+def test_gs_module_without_a_graph_is_refused(tmp_path, bucket):
+    from s4l.training.tfhub.importer import import_tfhub
+
+    (bucket.root / "s4l-models" / "rotation" / "saved_model.pb").unlink()
+    with pytest.raises(UserError, match="holds no saved_model.pb"):
+        import_tfhub(f"gs://{OBJ}", tmp_path / "a.pt", cache=tmp_path / "c", progress=False)
+    assert bucket.data_gets() == []
+
+
+def test_graph_over_the_limit_is_refused_from_the_listing_or_while_downloading(
+        tmp_path, bucket, monkeypatch):
+    import s4l.training.tfhub.source as source
+    from s4l.training.tfhub.importer import import_tfhub
+
+    monkeypatch.setattr(source, "MAX_GRAPH_BYTES", 1 << 20)  # the fixture's graph is ~1.3 MB
+    with pytest.raises(UserError, match="saved_model.pb is \\d+ bytes, over the 1 MiB limit"):
+        import_tfhub(f"gs://{OBJ}", tmp_path / "a.pt", cache=tmp_path / "c", progress=False)
+    assert bucket.data_gets() == []  # refused from the listing: nothing fetched
+    _plain(monkeypatch)
+    with pytest.raises(UserError, match="over the 1 MiB limit"):  # no listing: Content-Length
+        import_tfhub(f"{bucket.url}/{OBJ}", tmp_path / "b.pt", cache=tmp_path / "c2",
+                     progress=False)
+    assert not list((tmp_path / "c2").rglob("saved_model.pb*"))
+    assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
+
+
+def test_plain_url_without_a_module_def_imports(tmp_path, bucket, monkeypatch):
+    """tfhub_module.pb is optional (a 404 means none); the graph is not."""
+    from s4l.training.tfhub.importer import import_tfhub
+
+    _plain(monkeypatch)
+    (bucket.root / "s4l-models" / "rotation" / "tfhub_module.pb").unlink()
+    import_tfhub(f"{bucket.url}/{OBJ}", tmp_path / "a.pt", cache=tmp_path / "c", progress=False)
+    assert (tmp_path / "a.pt").is_file()
+    (bucket.root / "s4l-models" / "rotation" / "saved_model.pb").unlink()
+    with pytest.raises(UserError, match="saved_model.pb: HTTP 404"):
+        import_tfhub(f"{bucket.url}/{OBJ}", tmp_path / "b.pt", cache=tmp_path / "c2",
+                     progress=False)

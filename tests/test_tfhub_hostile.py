@@ -1,7 +1,8 @@
 """Damaged and hostile TF-Hub modules (issue 26, with the conventions of the untrusted-artifacts
 work): each is refused with one line naming what is wrong, and nothing is written. Modules are
-built at test time from the TF-written fixture by rewriting its bundle in TensorFlow's format
-(tests/support/tfhub.py); a payload that would run touches a marker file, which must not appear.
+built at test time from the TF-written fixture by rewriting its bundle in TensorFlow's format,
+or its graph by splicing hand-encoded nodes into the real saved_model.pb (tests/support/tfhub.py);
+a payload that would run touches a marker file, which must not appear.
 """
 
 from __future__ import annotations
@@ -17,8 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.hostile import Payload
-from support.tfhub import read_all, rewrite_module, unpack_fixture
+from support.hostile import Payload, oversized_file
+from support.tfhub import (
+    attr,
+    attr_func,
+    field_bytes,
+    field_varint,
+    function_def,
+    node_def,
+    py_func_node,
+    read_all,
+    rewrite_module,
+    saved_model,
+    splice_graph,
+    unpack_fixture,
+)
 
 from s4l.errors import UserError
 
@@ -183,21 +197,223 @@ def test_cli_refuses_with_one_line(tmp_path, good, case):
 # ----------------------------------------------------------------------------- the graph, archives
 
 
-def test_graph_that_would_run_code_is_never_read(tmp_path, good, marker):
-    """The graph is not needed and never parsed or run: a booby-trapped saved_model.pb (and a
-    pickle-bearing tfhub_module.pb) changes nothing; the weights import as data."""
+GRAPH = "saved_model.pb"
+MODULE_DEF = "tfhub_module.pb"
+
+
+def _graph_case(name: str, module: Path, dest: Path, marker: Path) -> Path:
+    """A copy of the good module whose graph (or ModuleDef) is hostile or damaged in one way."""
+    m = _copy(module, dest)
+    pb = (m / GRAPH).read_bytes()
+    payload = pickle.dumps(Payload(marker))
+    if name == "pickle_graph":
+        (m / GRAPH).write_bytes(payload)
+    elif name == "py_func_node":  # a real PyFunc node in the release graph, a pickle as its token
+        (m / GRAPH).write_bytes(splice_graph(pb, [py_func_node(token=payload)]))
+    elif name == "py_func_stateless_node":
+        (m / GRAPH).write_bytes(splice_graph(pb, [py_func_node(op="PyFuncStateless")]))
+    elif name == "eager_py_func_in_a_function":
+        fn = function_def("__inference_evil_7", py_func_node("inner", op="EagerPyFunc"))
+        call = node_def("call", "StatefulPartitionedCall", "image",
+                        attrs=attr("f", attr_func("__inference_evil_7")))
+        (m / GRAPH).write_bytes(splice_graph(pb, [call], [fn]))
+    elif name == "func_attr_names_the_op":  # PartitionedCall(f=PyFunc): no node of op PyFunc
+        call = node_def("call", "PartitionedCall", "image", attrs=attr("f", attr_func("PyFunc")))
+        (m / GRAPH).write_bytes(splice_graph(pb, [call]))
+    elif name == "write_file_node":
+        (m / GRAPH).write_bytes(splice_graph(pb, [node_def("w", "WriteFile", "a", "b")]))
+    elif name == "versioned_reader_node":
+        (m / GRAPH).write_bytes(splice_graph(pb, [node_def("r", "TFRecordReaderV2")]))
+    elif name == "hand_built_graph_with_py_func":
+        (m / GRAPH).write_bytes(saved_model([node_def("image", "Placeholder"), py_func_node()]))
+    elif name == "truncated_graph":
+        (m / GRAPH).write_bytes(pb[: len(pb) // 2])
+    elif name == "garbage_graph":
+        (m / GRAPH).write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8)))
+    elif name == "empty_graph":
+        (m / GRAPH).write_bytes(b"")
+    elif name == "graph_without_meta_graph":
+        (m / GRAPH).write_bytes(field_varint(1, 1))
+    elif name == "oversized_graph":  # sparse: refused from its size, never read
+        (m / GRAPH).unlink()
+        oversized_file(m / GRAPH, (64 << 20) + 1)
+    elif name == "graph_is_a_device":
+        (m / GRAPH).unlink()
+        (m / GRAPH).symlink_to("/dev/zero")
+    elif name == "missing_graph":
+        (m / GRAPH).unlink()
+    elif name == "pickle_module_def":
+        (m / MODULE_DEF).write_bytes(payload)
+    elif name == "module_def_requires_a_feature":
+        (m / MODULE_DEF).write_bytes(field_varint(1, 3) + field_bytes(2, b"future-feature"))
+    else:
+        raise KeyError(name)
+    return m
+
+
+GRAPH_CASES = {
+    "pickle_graph": "saved_model.pb does not parse as a SavedModel",
+    "py_func_node": "node 'evil' uses op 'PyFunc', which runs Python code when executed",
+    "py_func_stateless_node": "uses op 'PyFuncStateless', which runs Python code",
+    "eager_py_func_in_a_function": "node 'inner' in function '__inference_evil_7' uses op "
+                                   "'EagerPyFunc'",
+    "func_attr_names_the_op": "node 'call' calls 'PyFunc', which runs Python code",
+    "write_file_node": "uses op 'WriteFile', which reads or writes files",
+    "versioned_reader_node": "uses op 'TFRecordReaderV2', which reads or writes files",
+    "hand_built_graph_with_py_func": "uses op 'PyFunc'",
+    "truncated_graph": "saved_model.pb does not parse as a SavedModel",
+    "garbage_graph": "saved_model.pb does not parse as a SavedModel",
+    "empty_graph": "saved_model.pb is empty",
+    "graph_without_meta_graph": "holds no MetaGraphDef",
+    "oversized_graph": "saved_model.pb is 67108865 bytes, over the 64 MiB limit",
+    "graph_is_a_device": "saved_model.pb is not a regular file",
+    "missing_graph": "no saved_model.pb",
+    "pickle_module_def": "tfhub_module.pb does not parse as a TF-Hub ModuleDef",
+    "module_def_requires_a_feature": "requires features ['future-feature']",
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAPH_CASES))
+def test_hostile_or_damaged_graph_is_refused(tmp_path, good, marker, case):
+    """The graph is read as data, never run or unpickled: a module whose saved_model.pb is not
+    a SavedModel, or uses an op that runs code or touches files, is refused with one line, and
+    nothing is written; the pickle payloads never run (`marker`)."""
     from s4l.training.tfhub.importer import import_tfhub
 
-    module = _copy(good[0], tmp_path / "trap")
-    (module / "saved_model.pb").write_bytes(pickle.dumps(Payload(marker)))
-    (module / "tfhub_module.pb").write_bytes(pickle.dumps(Payload(marker)))
-    import_tfhub(module, tmp_path / "ok.pt", progress=False)
-    assert (tmp_path / "ok.pt").is_file()
-    # ... and from an archive the graph is not even unpacked
+    module = _graph_case(case, good[0], tmp_path / case, marker)
+    out = tmp_path / "out.pt"
+    with pytest.raises(UserError) as e:
+        import_tfhub(module, out, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and GRAPH_CASES[case] in msg, msg
+    assert str(module) in msg  # names the file
+    assert not out.exists() and not list(tmp_path.glob(".out.pt*"))
+
+
+@pytest.mark.parametrize("case", ["py_func_node", "pickle_graph"])
+def test_cli_refuses_a_hostile_graph_with_one_line(tmp_path, good, marker, case):
+    module = _graph_case(case, good[0], tmp_path / case, marker)
+    out = tmp_path / "out.pt"
+    r = subprocess.run([sys.executable, "-m", "s4l.cli", "import-tfhub", str(module), "--out",
+                        str(out), "--no-progress"], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_clean_refusal(r, GRAPH_CASES[case], str(module / GRAPH))
+    assert not out.exists() and not list(tmp_path.glob(".out.pt*"))
+
+
+@pytest.mark.parametrize("case", ["py_func_node", "pickle_graph", "missing_graph"])
+def test_archive_with_a_hostile_graph_is_refused_before_anything_is_extracted(
+        tmp_path, good, marker, monkeypatch, case):
+    """From a .tgz the graph is read into memory (never unpacked) and checked before any weight
+    is extracted."""
+    from s4l.training.tfhub.importer import import_tfhub
+
+    module = _graph_case(case, good[0], tmp_path / case, marker)
     tgz = tmp_path / "trap.tgz"
     with tarfile.open(tgz, "w:gz", compresslevel=1) as tar:
         tar.add(module, arcname="trap")
-    import_tfhub(tgz, tmp_path / "ok2.pt", progress=False)
+    extracted = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, m, *a, **k: extracted.append(m.name) or real(self, m, *a, **k))
+    with pytest.raises(UserError) as e:
+        import_tfhub(tgz, tmp_path / "o.pt", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tgz) in msg, msg
+    fragment = "no trap/saved_model.pb" if case == "missing_graph" else GRAPH_CASES[case]
+    assert fragment in msg, msg
+    assert not any(n.startswith("trap/variables/") for n in extracted), extracted
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_archive_graph_over_the_limit_is_refused_from_its_header(tmp_path, good, monkeypatch):
+    import s4l.training.tfhub.source as source
+    from s4l.training.tfhub.importer import import_tfhub
+
+    tgz = tmp_path / "m.tgz"
+    with tarfile.open(tgz, "w:gz", compresslevel=1) as tar:
+        tar.add(good[0], arcname="m")
+    monkeypatch.setattr(source, "MAX_GRAPH_BYTES", 1 << 20)  # the fixture's graph is ~1.3 MB
+    with pytest.raises(UserError, match=r"m/saved_model.pb declares \d+ bytes, over the 1 MiB"):
+        import_tfhub(tgz, tmp_path / "o.pt", progress=False)
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_the_release_graphs_saver_and_print_ops_are_accepted(tmp_path, good):
+    """Ops a real release graph holds (the saver's SaveV2/RestoreV2/MergeV2Checkpoints/
+    ShardedFilename, Print) are not refused, nor is a node whose *name* merely contains a refused
+    op's (which also makes the check walk every attr)."""
+    from s4l.training.tfhub.importer import import_tfhub
+
+    m = _copy(good[0], tmp_path / "saver")
+    pb = (m / GRAPH).read_bytes()
+    nodes = [node_def("save/filename", "PlaceholderWithDefault"),
+             node_def("save/ShardedFilename", "ShardedFilename", "save/filename"),
+             node_def("save/SaveV2", "SaveV2", "save/ShardedFilename"),
+             node_def("save/MergeV2Checkpoints", "MergeV2Checkpoints", "save/ShardedFilename"),
+             node_def("save/RestoreV2", "RestoreV2", "save/filename"),
+             node_def("save/ReadFile_like_name", "Identity", "save/filename"),
+             node_def("print", "Print", "image")]
+    (m / GRAPH).write_bytes(splice_graph(pb, nodes))
+    import_tfhub(m, tmp_path / "ok.pt", progress=False)
+    from s4l.training.checkpoint import load_for_inference
+
+    rec = load_for_inference(tmp_path / "ok.pt")
+    assert rec.spec.heads["rotation"] == 4
+
+
+def test_refused_ops_and_their_variants_and_the_saver_ops_that_are_not():
+    from s4l.training.tfhub.graph import refusal
+
+    for op in ("PyFunc", "PyFuncStateless", "EagerPyFunc", "PrintV2", "ExperimentalCSVDataset",
+               "CSVDatasetV2", "DebugNumericSummaryV2", "WholeFileReaderV2", "DataServiceDatasetV4",
+               "DatasetFromGraph", "ImmutableConst", "RpcCall", "InitializeTableFromTextFileV2"):
+        assert refusal(op), op
+    for op in ("SaveV2", "RestoreV2", "MergeV2Checkpoints", "ShardedFilename", "Save", "Restore",
+               "Print", "Conv2D", "FusedBatchNorm", "FusedBatchNormV3", "VariableV2",
+               "VarHandleOp", "StatefulPartitionedCall", "Const", "PyFuncX"):
+        assert refusal(op) is None, op
+
+
+def test_graph_check_accepts_every_fixture_and_bounds_nesting():
+    from support.tfhub import FAMILIES, FIXTURES
+
+    from s4l.training.tfhub.graph import check_module_def, check_saved_model
+
+    for fam in FAMILIES:
+        with tarfile.open(FIXTURES / f"{fam}.tgz") as tar:
+            summary = check_saved_model(tar.extractfile(f"{fam}/saved_model.pb").read(), fam)
+            check_module_def(tar.extractfile(f"{fam}/tfhub_module.pb").read(), fam)
+        assert summary.meta_graphs == 2 and "Conv2D" in summary.ops
+    func = field_bytes(1, b"f")
+    for _ in range(40):  # NameAttrList -> attr -> AttrValue.func -> NameAttrList ...
+        entry = field_bytes(1, b"k") + field_bytes(2, field_bytes(10, func))
+        func = field_bytes(1, b"f") + field_bytes(2, entry)
+    deep = node_def("ReadFile_named", "Identity", attrs=attr("f", field_bytes(10, func)))
+    with pytest.raises(UserError, match="nest more than 32 levels"):
+        check_saved_model(saved_model([deep]), "x/saved_model.pb")
+
+
+def test_graph_check_records_what_it_saw(tmp_path, good):
+    import torch
+
+    from s4l.training.tfhub.importer import import_tfhub
+
+    import_tfhub(good[0], tmp_path / "ok.pt", progress=False)
+    ck = torch.load(tmp_path / "ok.pt", weights_only=True)
+    g = ck["provenance"]["tfhub"]["graph"]
+    assert g["meta_graphs"] == 2 and g["nodes"] > 5000 and "Conv2D" in g["ops"]
+    assert len(g["saved_model_sha256"]) == 64
+
+
+def test_module_without_tfhub_module_pb_is_accepted(tmp_path, good):
+    """tfhub_module.pb is checked when present; a SavedModel without one (tf.saved_model.load
+    reads it fine) imports."""
+    from s4l.training.tfhub.importer import import_tfhub
+
+    m = _copy(good[0], tmp_path / "nomdef")
+    (m / MODULE_DEF).unlink()
+    import_tfhub(m, tmp_path / "ok.pt", progress=False)
 
 
 def _tar(path: Path, members: dict[str, bytes | tuple[str, str]]) -> Path:
@@ -214,12 +430,26 @@ def _tar(path: Path, members: dict[str, bytes | tuple[str, str]]) -> Path:
     return path
 
 
-def test_archive_with_a_linked_index_is_refused(tmp_path):
+def test_archive_with_a_linked_index_is_refused(tmp_path, good):
     from s4l.training.tfhub.importer import import_tfhub
 
-    tgz = _tar(tmp_path / "link.tgz", {"m/variables/variables.index": ("sym", "/etc/passwd"),
+    tgz = _tar(tmp_path / "link.tgz", {"m/saved_model.pb": (good[0] / GRAPH).read_bytes(),
+                                       "m/variables/variables.index": ("sym", "/etc/passwd"),
                                        "m/variables/variables.data-00000-of-00001": b""})
     with pytest.raises(UserError, match="not a regular file"):
+        import_tfhub(tgz, tmp_path / "o.pt", progress=False)
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_archive_with_a_linked_graph_is_refused(tmp_path, good):
+    from s4l.training.tfhub.importer import import_tfhub
+
+    module = good[0]
+    tgz = _tar(tmp_path / "link.tgz", {
+        "m/saved_model.pb": ("sym", "/dev/zero"),
+        f"m/{V}.index": (module / f"{V}.index").read_bytes(),
+        f"m/{V}.data-00000-of-00001": (module / f"{V}.data-00000-of-00001").read_bytes()})
+    with pytest.raises(UserError, match="m/saved_model.pb is not a regular file"):
         import_tfhub(tgz, tmp_path / "o.pt", progress=False)
     assert not (tmp_path / "o.pt").exists()
 
@@ -228,7 +458,8 @@ def test_archive_members_outside_the_module_are_never_extracted(tmp_path, good):
     from s4l.training.tfhub.importer import import_tfhub
 
     module = good[0]
-    members = {f"m/{V}.index": (module / f"{V}.index").read_bytes(),
+    members = {"m/saved_model.pb": (module / GRAPH).read_bytes(),
+               f"m/{V}.index": (module / f"{V}.index").read_bytes(),
                f"m/{V}.data-00000-of-00001": (module / f"{V}.data-00000-of-00001").read_bytes(),
                "../escaped.txt": b"x", "/tmp/abs-escaped.txt": b"x"}
     tgz = _tar(tmp_path / "evil.tgz", members)

@@ -1,6 +1,7 @@
 """Helpers of the TF-Hub import tests: the committed TF-written fixtures, a TF tensor-bundle WRITER
 (so damaged and hostile modules can be built at test time, in TensorFlow's own format, without
-TensorFlow), and a Cloud-Storage-like HTTP server on loopback (listing + ranged downloads).
+TensorFlow), hand-encoded SavedModel graphs (hostile nodes spliced into a fixture's real graph),
+and a Cloud-Storage-like HTTP server on loopback (listing + ranged downloads).
 
 The writer follows the same format as s4l.training.tfhub.bundle reads (LevelDB table, hand-encoded
 BundleHeaderProto / BundleEntryProto); the reader is proven against TensorFlow's own files by the
@@ -13,6 +14,7 @@ import base64
 import json
 import shutil
 import struct
+import sys
 import tarfile
 import threading
 import urllib.parse
@@ -169,6 +171,80 @@ def rewrite_module(src: Path, dest: Path, tensors: dict[str, np.ndarray], **kw) 
     return dest
 
 
+# ----------------------------------------------------------------------------- graphs (SavedModel)
+# Hand-encoded messages of tensorflow/core/{protobuf/saved_model,protobuf/meta_graph,framework/
+# graph,node_def,function,attr_value}.proto, to build hostile graphs without TensorFlow.
+
+
+def attr(key: str, value: bytes) -> bytes:
+    """One entry of NodeDef.attr (map<string, AttrValue>): 1 key, 2 value."""
+    return field_bytes(5, field_bytes(1, key.encode()) + field_bytes(2, value))
+
+
+def attr_s(s: bytes) -> bytes:
+    return field_bytes(2, s)  # AttrValue.s
+
+
+def attr_types(*types: int) -> bytes:
+    return field_bytes(1, field_bytes(6, b"".join(varint(t) for t in types)))  # list(type)
+
+
+def attr_func(name: str) -> bytes:
+    return field_bytes(10, field_bytes(1, name.encode()))  # AttrValue.func = NameAttrList
+
+
+def node_def(name: str, op: str, *inputs: str, attrs: bytes = b"") -> bytes:
+    """A NodeDef: 1 name, 2 op, 3 input, 5 attr (already encoded with `attr`)."""
+    return (field_bytes(1, name.encode()) + field_bytes(2, op.encode())
+            + b"".join(field_bytes(3, i.encode()) for i in inputs) + attrs)
+
+
+def py_func_node(name: str = "evil", op: str = "PyFunc", token: bytes = b"pyfunc_0") -> bytes:
+    """A real PyFunc node as tf.py_func writes it (token, Tin, Tout)."""
+    return node_def(name, op, "image", attrs=attr("token", attr_s(token))
+                    + attr("Tin", attr_types(1)) + attr("Tout", attr_types(1)))
+
+
+def function_def(name: str, *nodes: bytes) -> bytes:
+    """A FunctionDef: 1 signature (OpDef: 1 name), 3 node_def."""
+    return field_bytes(1, field_bytes(1, name.encode())) + b"".join(field_bytes(3, n)
+                                                                     for n in nodes)
+
+
+def saved_model(nodes: list[bytes], functions: list[bytes] = ()) -> bytes:
+    """SavedModel{1: version 1, 2: MetaGraphDef{2: GraphDef{1: nodes, 2: library}}}."""
+    graph = b"".join(field_bytes(1, n) for n in nodes)
+    if functions:
+        graph += field_bytes(2, b"".join(field_bytes(1, f) for f in functions))
+    return field_varint(1, 1) + field_bytes(2, field_bytes(2, graph))
+
+
+def splice_graph(pb: bytes, nodes: list[bytes] = (), functions: list[bytes] = ()) -> bytes:
+    """A copy of the TF-written SavedModel `pb` whose first meta graph's GraphDef also holds
+    `nodes` and, in its library, `functions` (everything else kept byte for byte)."""
+    from s4l.training.tfhub.wire import fields
+
+    def raw(field: int, wire: int, v) -> bytes:
+        return field_varint(field, v) if wire == 0 else field_bytes(field, bytes(v))
+
+    what = lambda: "fixture graph"  # noqa: E731
+    out, done = b"", False
+    for f, w, v in fields(pb, what):
+        if f == 2 and not done:
+            meta = b""
+            for f2, w2, v2 in fields(v, what):
+                if f2 == 2:
+                    v2 = bytes(v2) + b"".join(field_bytes(1, n) for n in nodes)
+                    if functions:
+                        v2 += field_bytes(2, b"".join(field_bytes(1, fn) for fn in functions))
+                meta += raw(f2, w2, v2)
+            out += field_bytes(2, meta)
+            done = True
+        else:
+            out += raw(f, w, v)
+    return out
+
+
 # ----------------------------------------------------------------------------- a GCS-like server
 
 
@@ -244,7 +320,13 @@ class FakeGCS:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                # a client that refuses a body after its headers (a size over a limit) hangs up
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

@@ -32,6 +32,9 @@ import numpy as np
 
 from s4l.errors import UserError
 from s4l.training.tfhub import crc32c
+from s4l.training.tfhub.wire import fields as _fields
+from s4l.training.tfhub.wire import int64 as _int64
+from s4l.training.tfhub.wire import varint as _varint
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_LEN = 48
@@ -73,49 +76,7 @@ class Entry:
 
 
 # ----------------------------------------------------------------------------- protobuf wire
-
-
-def _varint(buf: bytes | memoryview, pos: int, end: int, what: Callable[[], str]) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise UserError(f"{what()}: a malformed varint (truncated or corrupt)")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value & 0xFFFFFFFFFFFFFFFF, pos
-        shift += 7
-
-
-def _fields(buf: bytes, what: Callable[[], str]) -> Iterator[tuple[int, int, object]]:
-    """(field number, wire type, value) for each field of a serialised message."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos, end, what)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            v, pos = _varint(buf, pos, end, what)
-        elif wire == 1:
-            if pos + 8 > end:
-                raise UserError(f"{what()}: a truncated fixed64 field")
-            v, pos = struct.unpack_from("<Q", buf, pos)[0], pos + 8
-        elif wire == 2:
-            n, pos = _varint(buf, pos, end, what)
-            if pos + n > end:
-                raise UserError(f"{what()}: a field runs past the end of its record")
-            v, pos = bytes(buf[pos:pos + n]), pos + n
-        elif wire == 5:
-            if pos + 4 > end:
-                raise UserError(f"{what()}: a truncated fixed32 field")
-            v, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
-        else:
-            raise UserError(f"{what()}: unsupported protobuf wire type {wire}")
-        yield field, wire, v
-
-
-def _int64(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
+# (shared with the graph check: s4l.training.tfhub.wire)
 
 
 def _parse_shape(buf: bytes, what: Callable[[], str]) -> tuple[int, ...]:

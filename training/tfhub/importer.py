@@ -1,8 +1,10 @@
 """`s4l import-tfhub`: a TF-Hub module of the S4L release -> a normal s4l checkpoint.
 
-The module's weights are read as data (our own tensor-bundle reader, checksums verified), mapped
-one-to-one onto s4l's ResNet50v2 (`mapping.plan` refuses anything unknown, missing or misshapen
-before a byte of weights is read) and written with `save_checkpoint` (atomic: a refusal at any
+The module's graph is checked as data first (`saved_model.pb` must parse as a SavedModel that
+uses no code-running op; s4l.training.tfhub.graph), never run. Its weights are read as data (our
+own tensor-bundle reader, checksums verified), mapped one-to-one onto s4l's ResNet50v2
+(`mapping.plan` refuses anything unknown, missing or misshapen before a byte of weights is
+read) and written with `save_checkpoint` (atomic: a refusal at any
 step leaves nothing behind). The checkpoint holds `ema: None` (a module carries the raw weights,
 never the Polyak shadows), the release's eval preprocessing, the 1,000 ImageNet class names in
 the release's order when the module has a 1000-way `classes` head, and where it came from.
@@ -132,6 +134,9 @@ def import_tfhub(src: str | os.PathLike, out: str | os.PathLike, *, cache: Path 
             state[key.replace(".running_mean", ".num_batches_tracked")] = torch.tensor(0)
         nbytes = bundle.nbytes()
         module_kind, module_url = module.kind, module.url
+        graph = {"saved_model_sha256": module.graph_sha256,
+                 **(module.graph.to_dict() if module.graph else {}),
+                 "check": "parsed as data (never run); no code-running op"}
     spec = ModelSpec(width=plan.width, stem="imagenet", bn_eps=1e-3, bn_momentum=0.01,
                      heads=plan.heads)
     _check_against_model(spec, state, what)
@@ -146,6 +151,7 @@ def import_tfhub(src: str | os.PathLike, out: str | os.PathLike, *, cache: Path 
         "url": module_url,
         "source_kind": module_kind,
         "variables_sha256": hashes,
+        "graph": graph,
         "family": plan.family,
         "bn_scope": plan.bn_scope,
         "filters_factor": plan.filters_factor,

@@ -1,17 +1,21 @@
 """Where a TF-Hub module comes from: a directory, a .tar/.tar.gz/.tgz of one, or the public bucket.
 
 `open_module(src)` yields a `ModuleFiles` whose `variables` prefix can be handed to
-`TensorBundle`. Only the weights are ever taken: the graph (`saved_model.pb`) is neither
-unpacked from an archive nor downloaded, and nothing of it is read or run.
+`TensorBundle`. Only the weights are converted; the graph (`saved_model.pb`, required) and
+`tfhub_module.pb` (when present) are checked as data first and the module is refused unless they
+parse and the graph uses no code-running op (s4l.training.tfhub.graph). They are never run or
+unpickled; from an archive they are read into memory, never unpacked; a download fetches them
+(verified like the weights) before the weights, so a refused graph costs no weight download.
 
 Downloads (`https://...`, or `gs://bucket/path`, fetched from https://storage.googleapis.com):
 - a bucket module is listed with the Cloud Storage JSON API, which gives each object's size and
   CRC-32C; each file is fetched over HTTPS into a cache (`$S4L_CACHE_DIR` or
   `~/.cache/s4l/tfhub/<host>/<path>`), through a `.partial` file that a later run resumes with
   an HTTP `Range` request; a file is moved into place only once its size and CRC-32C match;
-- a plain https URL of a module directory: `variables/variables.index` first, then the data
-  shards it names; sizes are checked against `Content-Length`, the contents by the bundle's
-  own checksums (every index block and every tensor carries one);
+- a plain https URL of a module directory: `saved_model.pb` and `tfhub_module.pb` (a 404 for
+  the latter means none), then `variables/variables.index`, then the data shards it names;
+  sizes are checked against `Content-Length` (and the graph's cap), the weights by the bundle's
+  own checksums (every index block and every tensor carries one), the graph by its check;
 - plain `http://` is refused except on loopback (tests run a real server there).
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import http.client
 import json
 import logging
@@ -33,12 +38,22 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from s4l.errors import UserError
 from s4l.io import publish
 from s4l.training.tfhub import crc32c
+from s4l.training.tfhub import graph as graph_check
+from s4l.training.tfhub.graph import (
+    GRAPH_FILE,
+    MAX_GRAPH_BYTES,
+    MAX_MODULE_DEF_BYTES,
+    MODULE_DEF_FILE,
+    GraphSummary,
+    human_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +73,8 @@ class ModuleFiles:
     root: Path  # a local folder holding variables/variables.{index,data-*}
     kind: str  # "directory", "archive", "download"
     url: str | None = None
+    graph: GraphSummary | None = None  # what the check of saved_model.pb saw
+    graph_sha256: str | None = None
 
     @property
     def variables(self) -> Path:
@@ -79,6 +96,7 @@ def cache_dir() -> Path:
 @contextlib.contextmanager
 def open_module(src: str | os.PathLike, cache: Path | None = None,
                 progress: bool = True) -> Iterator[ModuleFiles]:
+    """The module at `src`, its graph checked (`check_graph`) before any weights are taken."""
     s = str(src)
     if s.startswith(("gs://", "https://", "http://")):
         yield download(s, cache or cache_dir(), progress=progress)
@@ -88,21 +106,77 @@ def open_module(src: str | os.PathLike, cache: Path | None = None,
         if not (p / INDEX).is_file():
             raise UserError(f"{p} is not a TF-Hub module directory: no {INDEX} in it (a module "
                             "holds saved_model.pb, tfhub_module.pb and variables/)")
-        yield ModuleFiles(s, p, "directory")
+        module = ModuleFiles(s, p, "directory")
+        _check_folder(module, f"TF-Hub module directory {p}")
+        yield module
         return
     if p.is_file():
         with tempfile.TemporaryDirectory(prefix=".s4l-tfhub-") as tmp:
-            yield ModuleFiles(s, _unpack(p, Path(tmp)), "archive")
+            module = ModuleFiles(s, Path(tmp), "archive")
+            _unpack(p, module)
+            yield module
         return
     raise UserError(f"{s} does not exist (expected a module directory, a .tar/.tgz of one, or "
                     "an https:// or gs:// location)")
 
 
+# ----------------------------------------------------------------------------- the graph
+
+
+def check_graph(module: ModuleFiles, graph: bytes, graph_where: str, module_def: bytes | None,
+                module_def_where: str) -> None:
+    """Refuse the module unless saved_model.pb parses as a SavedModel free of code-running ops
+    and tfhub_module.pb, when there is one, as a ModuleDef (see s4l.training.tfhub.graph)."""
+    module.graph = graph_check.check_saved_model(graph, graph_where)
+    module.graph_sha256 = hashlib.sha256(graph).hexdigest()
+    if module_def is not None:
+        graph_check.check_module_def(module_def, module_def_where)
+
+
+def _check_folder(module: ModuleFiles, what: str) -> None:
+    """check_graph on the files of a folder (a module directory or a download's cache)."""
+    graph = graph_check.read_capped(module.root / GRAPH_FILE, MAX_GRAPH_BYTES, what)
+    mdef_path = module.root / MODULE_DEF_FILE
+    mdef = (graph_check.read_capped(mdef_path, MAX_MODULE_DEF_BYTES, what)
+            if mdef_path.exists() or mdef_path.is_symlink() else None)
+    check_graph(module, graph, str(module.root / GRAPH_FILE), mdef, str(mdef_path))
+
+
 # ----------------------------------------------------------------------------- archives
 
 
-def _unpack(archive: Path, dest: Path) -> Path:
-    """Extract only variables/variables.* from a module archive (one top folder or none)."""
+def _read_member(tar: tarfile.TarFile, archive: Path, members: list[tarfile.TarInfo],
+                 cap: int) -> bytes | None:
+    """The bytes of the one regular-file member in `members` (None when there is none), read
+    into memory, never onto disk; its declared size checked against `cap` before reading."""
+    if not members:
+        return None
+    if len(members) > 1:
+        raise UserError(f"archive {archive} holds {len(members)} copies of {members[0].name}; "
+                        "refusing an ambiguous module")
+    m = members[0]
+    if not m.isfile():
+        raise UserError(f"archive {archive}: {m.name} is not a regular file (a link or device); "
+                        "refusing it")
+    if m.size > cap:
+        raise UserError(f"archive {archive}: {m.name} declares {m.size} bytes, over the "
+                        f"{human_size(cap)} limit; refusing it")
+    try:
+        f = tar.extractfile(m)
+        with f:
+            data = f.read(cap + 1)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise UserError(f"archive {archive} is damaged or truncated at {m.name} ({e})") from None
+    if len(data) != m.size:
+        raise UserError(f"archive {archive} is truncated: {m.name} is cut short")
+    return data
+
+
+def _unpack(archive: Path, module: ModuleFiles) -> None:
+    """Extract only variables/variables.* of a module archive (one top folder or none) into
+    module.root, after reading saved_model.pb and tfhub_module.pb into memory (never onto disk)
+    and checking them: a refused graph leaves nothing extracted."""
+    dest = module.root
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as e:
@@ -119,11 +193,22 @@ def _unpack(archive: Path, dest: Path) -> Path:
             raise UserError(f"archive {archive} holds {len(roots)} TF-Hub modules (files ending "
                             f"in {INDEX}); expected exactly one")
         prefix = roots[0]
+        graph = _read_member(tar, archive, [m for m in members if m.name == prefix + GRAPH_FILE],
+                             MAX_GRAPH_BYTES)
+        if graph is None:
+            raise UserError(f"archive {archive}: no {prefix}{GRAPH_FILE} beside its variables "
+                            "(every TF-Hub module holds its graph; a module without one cannot "
+                            "be checked)")
+        module_def = _read_member(tar, archive,
+                                  [m for m in members if m.name == prefix + MODULE_DEF_FILE],
+                                  MAX_MODULE_DEF_BYTES)
+        check_graph(module, graph, f"{archive}:{prefix}{GRAPH_FILE}", module_def,
+                    f"{archive}:{prefix}{MODULE_DEF_FILE}")
         wanted = []
         for m in members:
             rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
             if rel is None or not (rel == INDEX or _SHARD.match(rel)):
-                continue  # the graph and assets are never unpacked
+                continue  # the graph is read as bytes above; assets are never unpacked
             if not m.isfile():
                 raise UserError(f"archive {archive}: {m.name} is not a regular file (a link or "
                                 "device); refusing it")
@@ -142,7 +227,6 @@ def _unpack(archive: Path, dest: Path) -> Path:
                                 f"({e})") from None
             if (dest / rel).stat().st_size != m.size:
                 raise UserError(f"archive {archive} is truncated: {m.name} is cut short")
-    return dest
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -198,15 +282,36 @@ def download(url: str, cache: Path, progress: bool = True) -> ModuleFiles:
         if INDEX not in objects:
             raise UserError(f"gs://{bucket}/{prefix} holds no {INDEX}; not a TF-Hub module "
                             f"(listed {len(objects)} objects)")
+        if GRAPH_FILE not in objects:
+            raise UserError(f"gs://{bucket}/{prefix} holds no {GRAPH_FILE} (every TF-Hub module "
+                            "holds its graph; a module without one cannot be checked)")
+        module = ModuleFiles(url, root, "download", url=f"gs://{bucket}/{prefix}")
+        # the graph first: a refused module costs no weight download
+        for rel, cap in ((GRAPH_FILE, MAX_GRAPH_BYTES), (MODULE_DEF_FILE, MAX_MODULE_DEF_BYTES)):
+            if rel in objects:
+                size, crc = objects[rel]
+                if size > cap:
+                    raise UserError(f"gs://{bucket}/{prefix}/{rel} is {size} bytes, over the "
+                                    f"{human_size(cap)} limit; refusing the module")
+                _fetch(f"{_gcs_endpoint()}/{bucket}/{urllib.parse.quote(prefix + '/' + rel)}",
+                       root / rel, size, crc, progress, max_size=cap)
+        _check_folder(module, f"gs://{bucket}/{prefix}")
         for rel, (size, crc) in sorted(objects.items()):
             if rel == INDEX or _SHARD.match(rel):
                 _fetch(f"{_gcs_endpoint()}/{bucket}/{urllib.parse.quote(prefix + '/' + rel)}",
                        root / rel, size, crc, progress)
-        return ModuleFiles(url, root, "download", url=f"gs://{bucket}/{prefix}")
+        return module
     _check_url(url)
     parts = urllib.parse.urlsplit(url.rstrip("/"))
     root = _cache_folder(cache, parts.netloc.replace(":", "_"), parts.path)
     base = url.rstrip("/")
+    module = ModuleFiles(url, root, "download", url=base)
+    _fetch(f"{base}/{GRAPH_FILE}", root / GRAPH_FILE, None, None, progress,
+           max_size=MAX_GRAPH_BYTES)
+    if not _fetch(f"{base}/{MODULE_DEF_FILE}", root / MODULE_DEF_FILE, None, None, progress,
+                  max_size=MAX_MODULE_DEF_BYTES, optional=True):
+        (root / MODULE_DEF_FILE).unlink(missing_ok=True)
+    _check_folder(module, base)
     _fetch(f"{base}/{INDEX}", root / INDEX, None, None, progress)
     from s4l.training.tfhub.bundle import TensorBundle
 
@@ -215,11 +320,12 @@ def download(url: str, cache: Path, progress: bool = True) -> ModuleFiles:
         rel = f"{VARS}.data-{i:05d}-of-{n:05d}"
         _fetch(f"{base}/{rel}", root / rel, None, None, progress)
     TensorBundle(root / VARS)  # parses and checks the index against the shards now
-    return ModuleFiles(url, root, "download", url=base)
+    return module
 
 
 def _num_shards(index: Path) -> int:
-    from s4l.training.tfhub.bundle import _fields, _Table
+    from s4l.training.tfhub.bundle import _Table
+    from s4l.training.tfhub.wire import fields as _fields
 
     for key, value in _Table(index.read_bytes(), index).items():
         if key == b"":
@@ -232,7 +338,11 @@ def _num_shards(index: Path) -> int:
     raise UserError(f"TF bundle index {index}: no bundle header; not a TF tensor bundle")
 
 
-def _open(url: str, headers: dict[str, str] | None = None):
+class _Missing(Exception):
+    """An optional file the server does not have (HTTP 404)."""
+
+
+def _open(url: str, headers: dict[str, str] | None = None, optional: bool = False):
     _check_url(url)
     req = urllib.request.Request(url, headers={"User-Agent": "s4l-import-tfhub",
                                                **(headers or {})})
@@ -241,6 +351,8 @@ def _open(url: str, headers: dict[str, str] | None = None):
     except urllib.error.HTTPError as e:
         if e.code == 416:
             return e
+        if e.code == 404 and optional:
+            raise _Missing(url) from None
         raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise ConnectionError(f"{url}: {getattr(e, 'reason', e)!r}") from e
@@ -285,11 +397,14 @@ def _verified(path: Path, size: int | None, crc: int | None) -> bool:
     return crc is None or _file_crc(path) == crc
 
 
-def _fetch(url: str, dest: Path, size: int | None, crc: int | None, progress: bool) -> None:
-    """dest <- url, resumable through dest.partial; a no-op when a verified copy is cached."""
+def _fetch(url: str, dest: Path, size: int | None, crc: int | None, progress: bool, *,
+           max_size: int | None = None, optional: bool = False) -> bool:
+    """dest <- url, resumable through dest.partial; a no-op when a verified copy is cached.
+    More than `max_size` bytes are refused, before or while downloading. With `optional`, a
+    404 returns False (nothing fetched); else True."""
     if _verified(dest, size, crc) and (size is not None or dest.stat().st_size > 0):
         log.info("cached: %s", dest)
-        return
+        return True
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".partial")
     last_error = None
@@ -301,7 +416,10 @@ def _fetch(url: str, dest: Path, size: int | None, crc: int | None, progress: bo
             part.unlink()
             have = 0
         try:
-            total = _fetch_once(url, part, have, size, progress)
+            total = _fetch_once(url, part, have, size, progress, max_size, optional)
+        except _Missing:
+            part.unlink(missing_ok=True)
+            return False
         except ConnectionError as e:
             last_error = e
             log.warning("download interrupted (%s); resuming", e)
@@ -319,15 +437,16 @@ def _fetch(url: str, dest: Path, size: int | None, crc: int | None, progress: bo
             raise UserError(f"{url}: CRC-32C of the download differs from the bucket's; removed "
                             "(corrupt transfer)")
         publish(part, dest)  # fsync'ed rename: a cached file is always a whole, verified one
-        return
+        return True
     raise UserError(f"{url}: download failed after {RETRIES} attempts ({last_error}); run the "
                     f"command again to resume from {part.stat().st_size if part.exists() else 0} "
                     "bytes")
 
 
-def _fetch_once(url: str, part: Path, have: int, size: int | None, progress: bool) -> int | None:
+def _fetch_once(url: str, part: Path, have: int, size: int | None, progress: bool,
+                max_size: int | None = None, optional: bool = False) -> int | None:
     headers = {"Range": f"bytes={have}-"} if have else {}
-    r = _open(url, headers)
+    r = _open(url, headers, optional)
     with r:
         status = getattr(r, "status", None) or r.getcode()
         if status == 416:  # nothing left to fetch
@@ -345,6 +464,9 @@ def _fetch_once(url: str, part: Path, have: int, size: int | None, progress: boo
             have, mode = 0, "wb"
         if size is not None and total is not None and total != size:
             raise UserError(f"{url}: the server offers {total} bytes, the listing says {size}")
+        if max_size is not None and total is not None and total > max_size:
+            raise UserError(f"{url}: the server offers {total} bytes, over the "
+                            f"{human_size(max_size)} limit; refusing the module")
         bar = _bar(total, have, part.name[: -len(".partial")], progress)
         try:
             with open(part, mode) as f:
@@ -356,6 +478,11 @@ def _fetch_once(url: str, part: Path, have: int, size: int | None, progress: boo
                     if not chunk:
                         break
                     f.write(chunk)
+                    if max_size is not None and f.tell() > max_size:
+                        f.close()
+                        part.unlink()
+                        raise UserError(f"{url}: more than {human_size(max_size)} sent; refusing "
+                                        "the module")
                     bar.update(len(chunk))
         finally:
             bar.close()
