@@ -214,7 +214,7 @@ def test_swept_and_diagnosed_runs_of_a_staged_method_start_from_the_stage(folder
         schedule={"images": 128}, sweep=(("optim.lr", (0.01, 0.1)),),
         methods=(methods["supervised"], methods["rotation-linear"],
                  dataclasses.replace(methods["pseudo-labels"], sweep=False)),
-        convergence={"method": "rotation-linear", "factor": 2},
+        convergence={"methods": ["rotation-linear"], "factor": 2},
         diagnosis=(S.Diagnosis("d", "rotation-linear", "d", set=(("optim.momentum", 0.5),)),))
     planner = S.Planner(study, str(folder), tmp_path / "w", {}, smoke=True)
     plan = {r.id: r for r in planner.build()}
