@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from s4l.io import atomic_write_bytes, atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("S4L_SHARED_DATA", ROOT.parent / "shared" / "data"))
-CACHE = Path(os.environ.get("S4L_TEST_CACHE", Path.home() / ".cache" / "s4l-test-data"))
 PRESETS = {"s4l_rotation": "cifar10-s4l-rotation-10pct", "rotation": "cifar10-rotation-pretrain"}
 LABELS = {"s4l_rotation": "S4L-Rotation (10% labels)", "rotation": "Rotation only (self-supervised)"}
 log = logging.getLogger("transfer_small")
@@ -47,12 +45,12 @@ def unpack(name: str, top: str, given: str | None) -> Path:
     """A data set root: the one given, or ../shared/data's tarball unpacked into the cache."""
     if given:
         return Path(given)
-    from s4l.provenance import unpack_once
+    from s4l.io import data_cache_dir, shared_data_dir, unpack_once
 
-    archive = SHARED / name
-    if not (CACHE / f".{top}.done").exists() and not archive.exists():
+    archive, cache = shared_data_dir() / name, data_cache_dir()
+    if not (cache / f".{top}.done").exists() and not archive.exists():
         sys.exit(f"{archive} is absent; pass the unpacked root with --{top.split('-')[0]}")
-    return unpack_once(archive, top, CACHE)
+    return unpack_once(archive, top, cache)
 
 
 def train_backbone(name: str, cifar: Path, workdir: Path, smoke: bool, overrides: list[str]) -> Path:
@@ -143,7 +141,7 @@ def results_table(report: dict, ckpts: dict) -> str:
 
 def write_docs(report: dict, table: str, command: str, png: Path, smoke: bool) -> None:
     docs = ROOT / "docs"
-    shutil.copyfile(png, docs / "transfer_small.png")
+    atomic_write_bytes(docs / "transfer_small.png", png.read_bytes())
     r0 = report["results"][0]
     text = f"""# Transfer at small scale: S4L-Rotation vs rotation-only features
 
@@ -161,7 +159,7 @@ images) probed with multinomial logistic regression (top-1 on Imagenette val, %)
 
 Every number, the settings and the feature-file hashes are in the run's `probe/report.json`.
 """
-    (docs / "transfer_small.md").write_text(text)
+    atomic_write_text(docs / "transfer_small.md", text)
     log.info("wrote docs/transfer_small.md and docs/transfer_small.png at %s", time.strftime("%H:%M"))
 
 

@@ -34,15 +34,16 @@ import argparse
 import json
 import logging
 import shlex
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from s4l import study as S
+from s4l.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from s4l.provenance import git_commit, machine_info
 
-ROOT = S.ROOT
+# The checkout this script sits in (docs/ and runs/ are beside it).
+ROOT = Path(__file__).resolve().parents[1]
 PRESET = "cifar10-supervised-1pct"
 DEFAULT_BUDGET = 25_000  # 12 runs in about 15 minutes on 2 CPU cores (the CPU defaults below)
 SMOKE_BUDGET = 128
@@ -123,7 +124,7 @@ def write_pool(source, label_file: Path, val_per_class: int, label_seed: int, ou
     text = "".join(f"{source.relpath(i)} {source.samples[i][1]}\n" for i in sub.val)
     if not out.exists() or out.read_text() != text:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        atomic_write_text(out, text)
     log.info("held-out pool: %d images (%d per class) in %s", len(sub.val), val_per_class, out)
     return f"places205:{out}@{source.split_dir}"
 
@@ -225,22 +226,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = json.loads((study_dir / "val_study.json").read_text())
 
     # -- 3. the report
-    meta = {"created_at": S._now(), "command": command, "smoke": args.smoke,
+    meta = {"created_at": S.now(), "command": command, "smoke": args.smoke,
             "preset": sweep[0].config.preset, "labels": planner.counts["labelled"],
             "seed": args.seed, "budget": budget, "val_per_class": args.val_per_class,
             "machine": machine_info(), "git": git_commit(ROOT),
             "study_json": str(study_dir / "val_study.json"), "sweep_runs": len(sweep),
             "finished_runs": len(done), "sweep_report": str(base / "sweep.json")}
     text = summary_markdown(result, done, meta)
-    (work / "val_study_small.md").write_text(text)
-    shutil.copyfile(study_dir / "val_study.png", work / "val_study_small.png")
-    S._write_json(work / "val_study_small.json", {**meta, "study": result, "runs": [
+    atomic_write_text(work / "val_study_small.md", text)
+    atomic_write_bytes(work / "val_study_small.png", (study_dir / "val_study.png").read_bytes())
+    atomic_write_json(work / "val_study_small.json", newline=True, indent=2, default=str, obj={**meta, "study": result, "runs": [
         {"id": r.id, "budget": r.budget, "hyper": r.hyper, "workdir": str(r.workdir),
          "status": "done" if planner.result(r) else "todo",
          "wall_s": (planner.result(r) or {}).get("wall_s")} for r in sweep]})
     if not args.no_docs and not args.smoke:
-        shutil.copyfile(work / "val_study_small.png", ROOT / "docs" / "val_study_small.png")
-        (ROOT / "docs" / "val_study_small.md").write_text(text)
+        atomic_write_bytes(ROOT / "docs" / "val_study_small.png",
+                           (work / "val_study_small.png").read_bytes())
+        atomic_write_text(ROOT / "docs" / "val_study_small.md", text)
         log.info("wrote docs/val_study_small.md and docs/val_study_small.png")
     print(text)
     if rc != 0:

@@ -6,8 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
-# Moved to s4l.io (which owns the shared data sets); s4l/study.py and experiments/ still import
-# it from here until they are converted (issue 30).
+# Moved to s4l.io (which owns the shared data sets); kept importable from here for a study
+# process started before issue 30 moved the study out (its code imports it from here).
 from s4l.io import unpack_once  # noqa: F401
 
 

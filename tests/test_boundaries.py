@@ -24,11 +24,8 @@ PARTS = ("training", "evaluation", "service", "study")
 SERVICE_BUILD_STEPS = {"export.py", "cmd_export.py", "quantize.py", "bake_head.py"}
 # s4l/ files that import a part today, each a known debt with the issue that removes it. The
 # test fails for any file not listed here, and for a listed file that no longer needs its entry.
-CORE_KNOWN_EXCEPTIONS = {
-    # issue 30 item 1: the study moves out of the core into its own part (study/ -> s4l.study).
-    "study.py": "issue 30 item 1",
-}
-SOURCE_DIRS = ("s4l", "training", "evaluation", "service", "tests", "benchmarks", "experiments",
+CORE_KNOWN_EXCEPTIONS: dict[str, str] = {}
+SOURCE_DIRS = ("s4l", "training", "evaluation", "service", "study", "tests", "benchmarks", "experiments",
                "docker")
 
 
@@ -177,7 +174,7 @@ def test_nothing_imports_the_top_level_folders_by_bare_name():
     for d in SOURCE_DIRS:
         for path in _py_files(ROOT / d):
             for name, line in imports(path):
-                if any(_is(name, part) for part in ("training", "evaluation", "service")):
+                if any(_is(name, part) for part in PARTS):
                     found.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
     assert not found, "import s4l.<part>, never the bare folder:\n" + "\n".join(found)
 

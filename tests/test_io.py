@@ -211,9 +211,6 @@ def test_shared_dataset_unpacks_once(monkeypatch, tmp_path):
 # Files still writing on their own, each with the reason (issue 30 item 4).
 OWN_WRITES = {
     "s4l/io.py": "the helper itself",
-    "s4l/study.py": "being split into study/ (issue 30 item 1); converted there",
-    "training/trainer.py": "the lead is editing it (issue 30 item 5 moves its metrics writer "
-                           "out); its two temp-and-rename sites convert then",
     # issue 26: its download is published with s4l.io.publish; what remains unpacks a module
     # archive into a TemporaryDirectory that is read and thrown away (scratch, not an artifact).
     "training/tfhub/source.py": "scratch unpacking into a TemporaryDirectory",
@@ -274,7 +271,7 @@ def own_writes(path: Path, root: Path = ROOT) -> list[str]:
 
 def test_the_library_writes_files_only_through_s4l_io():
     found = []
-    for folder in ("s4l", "training", "evaluation", "service"):
+    for folder in ("s4l", "training", "evaluation", "service", "study"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             if str(path.relative_to(ROOT)) not in OWN_WRITES:
                 found += own_writes(path)

@@ -36,6 +36,7 @@ def test_package_list_matches_folders():
         "s4l.training": "training",
         "s4l.evaluation": "evaluation",
         "s4l.service": "service",
+        "s4l.study": "study",
     }
 
 

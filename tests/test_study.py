@@ -1,4 +1,4 @@
-"""`s4l study`: the declarative study runner (s4l/study.py) end to end on a tiny image folder.
+"""`s4l study`: the declarative study runner (study/, `s4l.study`) end to end on a tiny image folder.
 
 Real training runs (the presets' -smoke variants, 1-2 steps each) on generated JPEGs. Checked:
 every run of the plan finishes and its record holds its own final metrics; the selection is the
@@ -333,6 +333,11 @@ def test_a_changed_config_does_not_pass_old_runs_off_as_its_own(tiny, tmp_path, 
     ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[sweep]\n"optim.lr" = [0.1]\n'
      '[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n'
      'grid = { "optim.weight_decay" = [0.1] }\n', "is not a sweep key"),
+    # Read with the training config's typed machinery: a wrong type is one line naming the key.
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[[method]]\nkey="a"\n'
+     'preset="cifar10-supervised-10pct"\nseeds = "two"\n', "seeds: expected an integer"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[[method]]\nkey="a"\n'
+     'preset="cifar10-supervised-10pct"\nseed = 1\n', "method 'a': unknown keys ['seed']"),
 ])
 def test_bad_study_files_get_one_clear_line(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -341,6 +346,28 @@ def test_bad_study_files_get_one_clear_line(tmp_path, text, message):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_default_workdir_and_report_resolve_against_the_working_directory(tmp_path,
+                                                                         monkeypatch):
+    """Defaults never depend on where s4l is installed: `runs/<name>` and a relative `report`
+    land under the current directory (the study file's own folder is not used for them)."""
+    from s4l.cli import main
+
+    elsewhere = tmp_path / "files"
+    elsewhere.mkdir()
+    path = elsewhere / "cwd.toml"
+    path.write_text('name = "cwdstudy"\ndata = "builtin:digits"\nschedule = {images = 256}\n'
+                    'report = "out/cwd"\n[[method]]\nkey = "a"\n'
+                    'preset = "cifar10-supervised-10pct"\n')
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["study", str(path), "--dry-run"]) == 0
+    assert (work / "runs" / "cwdstudy").is_dir() and (work / "out").is_dir()
+    assert not (elsewhere / "runs").exists() and not (elsewhere / "out").exists()
+    checkout = Path(S.__file__).resolve().parents[1]
+    assert not (checkout / "runs" / "cwdstudy").exists()
 
 
 def test_the_repository_studies_parse_and_plan():
@@ -360,13 +387,13 @@ def test_a_resumed_runs_cost_is_scaled_from_its_own_session_to_every_step(tiny):
     n = run.budget["steps"]
     assert n >= 2
     fresh = S.record_of(run, {"eval/top1": 50.0}, wall_s=100.0)
-    assert "resumed_at_step" not in fresh and S._full_wall(fresh) == 100.0
+    assert "resumed_at_step" not in fresh and S.full_wall(fresh) == 100.0
     half = S.record_of(run, {"eval/top1": 50.0}, wall_s=100.0, resumed_at_step=n // 2)
     assert half["resumed_at_step"] == n // 2 and half["wall_s"] == 100.0
-    assert S._full_wall(half) == pytest.approx(100.0 * n / (n - n // 2), abs=0.1)
+    assert S.full_wall(half) == pytest.approx(100.0 * n / (n - n // 2), abs=0.1)
     S.OBJECTIVE_OF[run.method] = run.config.objective.name
     rate = S.rates({run.id: half})[run.config.objective.name]
-    assert rate == pytest.approx(run.budget["images"] / S._full_wall(half), rel=1e-6)
+    assert rate == pytest.approx(run.budget["images"] / S.full_wall(half), rel=1e-6)
     assert half["cpu"] and half["cpu"] == fresh["cpu"]
 
 
@@ -526,3 +553,22 @@ def test_the_passes_study_plans_twenty_unlabelled_passes_for_s4l_rotation():
     assert rot.budget["unlabelled_passes"] == pytest.approx(19.6, abs=0.01)
     assert sup.budget["unlabelled_passes"] == 0
     assert runs["convergence/s4l-rotation/x2/seed0"].budget["steps"] == 6000
+
+
+@pytest.mark.shared_data
+def test_the_committed_ledger_keeps_every_finished_run(tmp_path):
+    """Run identities are stable: planning experiments/table1_protocol.toml against its committed
+    report (docs/table1_protocol.json) finds every run finished, none to retrain."""
+    from s4l.errors import UserError
+
+    root = Path(__file__).resolve().parents[1]
+    study = S.load_study(root / "experiments" / "table1_protocol.toml")
+    try:
+        data = S.resolve_data(study.data)
+    except UserError as e:
+        pytest.skip(f"needs ../shared/data: {e}")
+    ledger, _ = S.load_ledger(root / "docs" / "table1_protocol.json")
+    planner = S.Planner(study, data, tmp_path / "w", ledger)
+    plan = planner.build()
+    todo = [r.id for r in plan if not r.alias_of and planner.result(r) is None]
+    assert plan and not todo, todo

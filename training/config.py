@@ -267,31 +267,60 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def from_dict(d: Mapping[str, Any], cls: type = TrainConfig, prefix: str = "") -> Any:
-    """Inverse of `to_dict`, type-checked; unknown keys are an error listing the valid ones."""
+def from_dict(d: Mapping[str, Any], cls: type = TrainConfig, prefix: str = "", *,
+              where: str | None = None) -> Any:
+    """Inverse of `to_dict`, type-checked; unknown keys are an error listing the valid ones.
+
+    Any frozen dataclass works (the study file's tables are read with it too): fields may be
+    nested dataclasses, tuples of them, `dict[str, X]` tables or `Any`; a field without a
+    default is required. `where` names the table in errors ("FILE: method 'a'") instead of
+    the dotted config-key prefix.
+    """
     if not isinstance(d, Mapping):
-        raise UserError(f"expected a mapping for {cls.__name__}, got {type(d).__name__}")
+        raise UserError(f"{where or 'expected a mapping for ' + cls.__name__}"
+                        f"{': a table expected' if where else ''}, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
+        if where:
+            raise UserError(f"{where}: unknown keys {unknown}; valid: {sorted(fields)}")
         raise UserError(
             f"unknown config key(s) {[prefix + k for k in unknown]}; "
             f"valid: {[prefix + k for k in fields]}"
         )
+    for name, f in fields.items():
+        if (name not in d and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING):
+            raise UserError(f"{where or cls.__name__}: missing {prefix + name!r}")
     kwargs = {}
     for name, value in d.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(value, tp, prefix + name + ".")
+            kwargs[name] = from_dict(value, tp, prefix + name + ".",
+                                     where=where and f"{where}: {name}")
         else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
+            kwargs[name] = _coerce(value, tp, prefix + name, where)
     return cls(**kwargs)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, where: str | None = None) -> Any:
     """Check `value` against the annotation `tp` (JSON-level types), converting lists to tuples."""
+    if where:
+        try:
+            return _coerce(value, tp, key)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(value, tp, key + ".")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise UserError(f"{key}: expected a table, got {value!r}")
+        _, value_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
