@@ -40,6 +40,12 @@ INT8_TOP1_GATE = 0.95
 TOP1_GATE = 1.0  # top-1 agreement required on the model's head and on every task head
 GATE_IMAGES = 32  # built-in held-out crops when no folder of images is given
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that compute bf16 natively
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA, which OpenVINO's CPU kernels obey) that still allow native
+# bf16. Capped below these, OpenVINO keeps listing BF16 and defaulting to it, but runs it
+# emulated: measured here at 0.26x its fp32 with the cap at AVX512_CORE_VNNI (docs/benchmarks.md).
+BF16_ISA_CAPS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX",
+                 "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+                 "AVX10_2_512_AMX_2")
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 INSTALL_HINT = "pip install 's4l[openvino]'"
 
@@ -82,12 +88,14 @@ class Bf16Support:
 
 
 def bf16_support(capabilities: list[str] | tuple[str, ...], flags: set[str] | None = None,
-                 machine: str | None = None) -> Bf16Support:
+                 machine: str | None = None, isa_cap: str | None = None) -> Bf16Support:
     """Native bf16 needs both: OpenVINO's CPU plugin lists ``BF16`` in OPTIMIZATION_CAPABILITIES
     and the CPU has an instruction that computes it (AVX512_BF16: Intel Cooper Lake, Sapphire
-    Rapids and later, AMD Zen 4 and later; AMX-BF16). Without one of those OpenVINO could still run
-    bf16 by converting in software, slower than fp32: that is never chosen."""
+    Rapids and later, AMD Zen 4 and later; AMX-BF16), and no ``ONEDNN_MAX_CPU_ISA`` cap below
+    them. Without those OpenVINO still lists BF16 and runs it by converting in software, slower
+    than fp32: that is never chosen."""
     flags = cpu_flags() if flags is None else flags
+    isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") if isa_cap is None else isa_cap
     machine = (machine or platform.machine()).lower()
     present = tuple(f for f in BF16_CPU_FLAGS if f in flags)
     caps = tuple(capabilities)
@@ -98,6 +106,9 @@ def bf16_support(capabilities: list[str] | tuple[str, ...], flags: set[str] | No
     if not present:
         return Bf16Support(False, present, caps, "the CPU has neither avx512_bf16 nor amx_bf16: "
                            "bf16 would be emulated, slower than fp32")
+    if isa_cap and isa_cap.strip().upper() not in BF16_ISA_CAPS:
+        return Bf16Support(False, present, caps, f"ONEDNN_MAX_CPU_ISA={isa_cap} caps the kernels "
+                           "below bf16: bf16 would be emulated, slower than fp32")
     return Bf16Support(True, present, caps, f"CPU flags {', '.join(present)}; OpenVINO capability BF16")
 
 

@@ -54,8 +54,27 @@ def model(tmp_path_factory) -> Path:
     (["FP32", "BF16"], {"bf16"}, "aarch64", False),
 ])
 def test_native_bf16_needs_the_instruction_and_the_capability(caps, flags, machine, native):
-    s = bf16_support(caps, flags, machine)
+    s = bf16_support(caps, flags, machine, isa_cap="")
     assert s.native is native and s.reason
+
+
+def test_an_isa_cap_below_bf16_means_emulated():
+    caps, flags = ["FP32", "BF16"], {"avx512_bf16", "amx_bf16"}
+    assert not bf16_support(caps, flags, "x86_64", isa_cap="AVX512_CORE_VNNI").native
+    assert bf16_support(caps, flags, "x86_64", isa_cap="avx512_core_amx").native
+    assert bf16_support(caps, flags, "x86_64", isa_cap="ALL").native
+
+
+@needs_bf16
+def test_auto_is_fp32_where_bf16_would_be_emulated(model):
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI makes this CPU look like one without bf16 to OpenVINO's
+    kernels (which still list BF16): auto must pick fp32 and bf16 must refuse, in a real server."""
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI", "S4L_BACKEND": "openvino"}
+    with ServerProcess(model, env={**env, "S4L_PRECISION": "auto"}) as srv:
+        info = httpx.get(srv.url + "/info", timeout=10).json()
+    assert info["precision"] == "fp32" and "ONEDNN_MAX_CPU_ISA" in info["backend_detail"]["bf16_reason"]
+    line = _serve_fails(model, {**env, "S4L_PRECISION": "bf16"})
+    assert "precision 'bf16' refused" in line and "emulated" in line
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
