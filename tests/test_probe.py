@@ -184,3 +184,19 @@ def test_command_modules_import_no_torch():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_probe_settings_are_the_cli_defaults_without_an_argv():
+    """Libraries build probe settings with `probe_settings(...)` (no fake argv); with no
+    arguments it gives what `s4l probe` gives with none."""
+    import argparse
+
+    from s4l.evaluation.cmd_probe import build_settings, configure
+    from s4l.evaluation.report import probe_settings
+
+    p = argparse.ArgumentParser()
+    configure(p)
+    args = p.parse_args(["--train", "a.h5", "--val", "b.h5", "--out", "o", "--schedules", "short=3"])
+    assert build_settings(args) == probe_settings(schedules="short=3")
+    with pytest.raises(UserError, match="--holdout"):
+        probe_settings(holdout=1.0)
