@@ -9,7 +9,7 @@
 #   PIP_OFFLINE=1  install only from docker/wheelhouse (pip --no-index), e.g. behind a proxy
 #   EXTRAS       the s4l extras installed (default "serve openvino": onnxruntime and the OpenVINO
 #                backend, S4L_BACKEND=openvino; "serve" alone is ~180 MB smaller, docker/README.md)
-# tests/test_images.py builds and runs this image against a real engine (docker/build.sh).
+# tests/test_container_images.py builds and runs this image against a real engine (docker/build.sh).
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build

@@ -9,7 +9,7 @@
 #   TORCH       a torch requirement to install first, e.g. "torch==2.13.0" (empty: the base's)
 #   WITHOUT     distributions to leave out of the extras, e.g. "torchvision" beside a CPU torch
 #   PIP_OFFLINE=1  install only from docker/wheelhouse (pip --no-index)
-# CPU variant, as tests/test_images.py builds it (docker/build.sh):
+# CPU variant, as tests/test_container_images.py builds it (docker/build.sh):
 #   --build-arg BASE_IMAGE=python:3.11-slim --build-arg TORCH=torch==2.13.0 --build-arg WITHOUT=torchvision
 ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 FROM ${BASE_IMAGE}

@@ -12,8 +12,8 @@ from s4l.service.deps import ApiKey, State
 from s4l.service.errors import ApiError, error_responses
 from s4l.service.head_registry import MODEL_HEAD, head_logits
 from s4l.service.inputs import REQUEST_BODY, read_images
-from s4l.service.models import ClassifyResponse, MultiHeadClassifyResponse
 from s4l.service.pipeline import JSONBody, error_entry, infer, topk_entry
+from s4l.service.schemas import ClassifyResponse, MultiHeadClassifyResponse
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 

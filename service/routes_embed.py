@@ -9,8 +9,8 @@ from fastapi import APIRouter, Query, Request
 from s4l.service.deps import ApiKey, State
 from s4l.service.errors import error_responses
 from s4l.service.inputs import REQUEST_BODY, read_images
-from s4l.service.models import EmbedResponse
 from s4l.service.pipeline import JSONBody, embed_entry, error_entry, infer
+from s4l.service.schemas import EmbedResponse
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 

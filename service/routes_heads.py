@@ -14,7 +14,7 @@ from s4l.errors import UserError
 from s4l.service.deps import ApiKey, State
 from s4l.service.errors import ApiError, error_responses
 from s4l.service.head_registry import reload_heads
-from s4l.service.models import HeadsResponse
+from s4l.service.schemas import HeadsResponse
 
 log = logging.getLogger(__name__)
 

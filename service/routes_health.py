@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from s4l.service.deps import State
-from s4l.service.models import Health, Ready
+from s4l.service.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
 

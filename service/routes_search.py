@@ -21,8 +21,8 @@ from s4l.service.inputs import (
     read_images,
     read_json,
 )
-from s4l.service.models import SearchResponse
 from s4l.service.pipeline import JSONBody, ServiceState, error_entry, infer
+from s4l.service.schemas import SearchResponse
 
 router = APIRouter(tags=["search"], dependencies=[ApiKey])
 

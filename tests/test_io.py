@@ -149,7 +149,7 @@ def test_files_get_the_permissions_of_a_plain_open(tmp_path, writer, mask, want)
 
 
 def test_converted_writers_follow_the_umask(tmp_path):
-    """A torch-free sample of the library's writers (the export's is in tests/test_images.py)."""
+    """A torch-free sample of the library's writers (the export's is in tests/test_container_images.py)."""
     import numpy as np
 
     from s4l.datasets import write_label_map
