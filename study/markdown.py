@@ -120,7 +120,7 @@ def curves_section(doc: dict[str, Any], study: Study) -> list[str]:
         return []
     runs = curve_runs(doc)
     out = ["\n## Learning curves\n",
-           f"Every final run and every convergence run evaluates held-out top-1 at "
+           f"Every run (sweep points, every seed, the convergence runs) evaluates held-out top-1 at "
            f"{study.curve_points} evenly spaced points (the test split only once, at the end); "
            "each point keeps the training losses and accuracies averaged since the previous one "
            "(`curve` in the JSON).\n"]
@@ -133,7 +133,10 @@ def curves_section(doc: dict[str, Any], study: Study) -> list[str]:
     out.append("|---" * (n + 1) + "|")
     for r in runs:
         cells = [_num(p.get("heldout_top1"), 1) for p in r["curve"]] + ["-"] * (n - len(r["curve"]))
-        out.append(f"| `{r['id']}` (held-out top-1 at each point) | " + " | ".join(cells) + " |")
+        final = " **final**" if r.get("final") else ""
+        out.append(f"| `{r['id']}`{final} | " + " | ".join(cells) + " |")
+    out.append("\nHeld-out top-1 at each of the points above (the last is the run's final "
+               "evaluation).")
     return out
 
 

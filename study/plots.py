@@ -49,15 +49,16 @@ CURVE_PANELS = (("heldout_top1", "held-out top-1 (%)"),
 
 
 def curve_runs(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The runs whose curves the page shows: every final run (every arm, every seed) and every
-    convergence run."""
-    return [r for r in doc["runs"] if r.get("curve") and not r.get("stale")
-            and (r.get("final") or r["role"] == "convergence")]
+    """Every run with a curve (sweep points, every seed of every arm, convergence runs), the
+    final and convergence runs first."""
+    runs = [r for r in doc["runs"] if r.get("curve") and not r.get("stale")]
+    return sorted(runs, key=lambda r: not (r.get("final") or r["role"] == "convergence"))
 
 
 def plot_curves(doc: dict[str, Any], path: Path) -> None:
     """One panel per measurement (held-out top-1, class loss, rotation loss and accuracy) against
-    labelled epochs; a colour per method, a line per seed, dashed for the doubled schedule."""
+    labelled epochs; a colour per method, a line per run: bold for the final runs (one per seed),
+    dashed for the doubled schedule, thin for the other sweep points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,9 +76,14 @@ def plot_curves(doc: dict[str, Any], path: Path) -> None:
             xs = [p["step"] / spe for p in pts]
             colour = f"C{methods.index(r['method']) % 10}" if r["method"] in methods else "0.5"
             conv = r["role"] == "convergence"
-            ax.plot(xs, [p[key] for p in pts], color=colour, alpha=0.85, lw=1.4,
-                    ls="--" if conv else "-", marker="." if not conv else None,
-                    label=f"{r['method']} s{r['seed']}" + (" (2x)" if conv else ""))
+            main = bool(r.get("final")) or conv
+            hyper = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in (r.get("hyper") or {}).items()
+                              if isinstance(v, int | float))
+            ax.plot(xs, [p[key] for p in pts], color=colour, alpha=0.85 if main else 0.35,
+                    lw=1.6 if main else 0.8, ls="--" if conv else "-",
+                    marker="." if main and not conv else None,
+                    label=f"{r['method']} s{r['seed']}" + (" (2x)" if conv else "")
+                    + ("" if main else f" (sweep: {hyper})"))
         ax.set_xlabel("labelled epochs")
         ax.set_title(name)
         ax.grid(alpha=0.3)
