@@ -33,6 +33,7 @@ MODEL = "s4l"
 VERSION = "1"
 BYTES_INPUT = "image_bytes"
 EXTENSIONS = ["binary_tensor_data"]  # only what is implemented; no shared memory, no classification
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
 _LARGE_BODY = 1 << 16  # parse bodies above this off the event loop (JSON pixel data is slow)
 
 
@@ -163,8 +164,10 @@ def _outputs(state: ServiceState, reg: HeadRegistry, head: str | None) -> list[o
 
 def _metadata(state: ServiceState, reg: HeadRegistry, name: str, head: str | None) -> dict:
     return {"name": name, "versions": [VERSION],
-            # Triton names an ONNX model's platform so; a head is backbone + head, an ensemble.
-            "platform": "onnxruntime_onnx" if head is None else "ensemble",
+            # Triton's names: an ONNX model on onnxruntime is "onnxruntime_onnx", the OpenVINO
+            # backend "openvino"; a head is backbone + head, an ensemble.
+            "platform": (PLATFORMS.get(getattr(state.backend, "backend", ""), "onnxruntime_onnx")
+                         if head is None else "ensemble"),
             "inputs": [t.to_json() for t in _inputs(state)],
             "outputs": [t.to_json() for t in _outputs(state, reg, head)]}
 

@@ -274,6 +274,9 @@ def test_info_and_metrics_report_backend_and_precision(servers):
     detail = httpx.get(servers[1].url + "/info", timeout=10).json()["backend_detail"]
     assert detail["parity"]["passed"] and detail["parity"]["embedding_cosine_min"] >= COSINE_GATE
     assert detail["bf16_native"] is BF16.native
+    # Open Inference Protocol metadata names the backend as Triton does.
+    platforms = [httpx.get(s.url + "/v2/models/s4l", timeout=10).json()["platform"] for s in servers]
+    assert platforms == ["onnxruntime_onnx", "openvino"]
 
 
 # -- start-up errors: one line, no traceback ----------------------------------------------------
