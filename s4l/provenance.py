@@ -6,10 +6,6 @@ import hashlib
 import os
 from pathlib import Path
 
-# Moved to s4l.io (which owns the shared data sets); kept importable from here for a study
-# process started before issue 30 moved the study out (its code imports it from here).
-from s4l.io import unpack_once  # noqa: F401
-
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
     """SHA-256 of a file, read in blocks (checkpoints and feature files can be GBs)."""

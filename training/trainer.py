@@ -50,13 +50,10 @@ from s4l.training.schedule import StepSchedule, set_lr
 
 log = logging.getLogger(__name__)
 
-# Public names of the modules the trainer was split into, importable from here as before (a
-# study process started before the split imports them from this module); `_Data` is the old
-# name of RunData.
+# Public names of the modules the trainer was split into, importable from here too.
 __all__ = ["METRICS_FILE", "CheckpointSaver", "MetricsWriter", "Plan", "RunData", "ShardStream",
            "TrainingDiverged", "build_optimizer", "evaluate", "make_plan", "read_metrics",
            "precision_autocast", "train", "train_step", "truncate_metrics"]
-_Data = RunData
 
 CONFIG_FILE = "config.json"
 FINAL_FILE = "final_metrics.json"
