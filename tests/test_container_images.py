@@ -362,6 +362,14 @@ def test_compose_config_validates_and_serve_starts(compose, model):
     assert "s4l-serve" in cfg.stdout
     shutil.copy(model, model.parent / "model.onnx")
     (model.parent / "model.onnx").chmod(0o644)
+    with _compose_serve(base, env, port):
+        r = _post(f"http://127.0.0.1:{port}", [jpeg_bytes(seed=1)])
+        assert r.status_code == 200
+
+
+@contextlib.contextmanager
+def _compose_serve(base: list[str], env: dict[str, str], port: int):
+    """`docker compose up -d serve`, wait for /readyz (its logs on failure), `down` at the end."""
     up = subprocess.run([*base, "up", "-d", "--no-build", "serve"], env=env, capture_output=True,
                         text=True, timeout=180)
     try:
@@ -375,8 +383,7 @@ def test_compose_config_validates_and_serve_starts(compose, model):
         else:
             logs = subprocess.run([*base, "logs"], env=env, capture_output=True, text=True)
             raise AssertionError(f"compose serve not ready:\n{logs.stdout[-3000:]}")
-        r = _post(f"http://127.0.0.1:{port}", [jpeg_bytes(seed=1)])
-        assert r.status_code == 200
+        yield
     finally:
         subprocess.run([*base, "down", "-t", "5"], env=env, capture_output=True, timeout=120)
 
@@ -408,19 +415,7 @@ def test_documented_flow_export_then_compose_serve_as_the_image_user(compose, tm
     env = {**compose, "S4L_MODELS": str(model.parent), "S4L_PUBLISH_PORT": str(port)}
     base = ["docker-compose", "-f", str(ROOT / "docker" / "compose.yaml"),
             "-p", f"s4ldoc{os.getpid()}"]
-    up = subprocess.run([*base, "up", "-d", "--no-build", "serve"], env=env, capture_output=True,
-                        text=True, timeout=180)
-    try:
-        assert up.returncode == 0, up.stderr
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            logs = subprocess.run([*base, "logs"], env=env, capture_output=True, text=True)
-            raise AssertionError(f"compose serve not ready:\n{logs.stdout[-3000:]}")
+    with _compose_serve(base, env, port):
         who = subprocess.run([*base, "exec", "-T", "serve", "sh", "-c",
                               "id -u; stat -c %u /models/model.onnx; touch /models/x"],
                              env=env, capture_output=True, text=True, timeout=60)
@@ -432,6 +427,4 @@ def test_documented_flow_export_then_compose_serve_as_the_image_user(compose, tm
         embs = [x["embedding"] for x in r.json()["results"]]
         assert len(embs) == 4 and all(len(e) == len(embs[0]) > 0 for e in embs)
         assert np.isfinite(np.array(embs)).all()
-    finally:
-        subprocess.run([*base, "down", "-t", "5"], env=env, capture_output=True, timeout=120)
     assert model.stat().st_mode & 0o777 == 0o644  # what a plain open() gives under umask 022
