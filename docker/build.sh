@@ -132,7 +132,7 @@ wheelhouse() {  # wheelhouse IMAGE -> prints the directory
 context() {  # context IMAGE WHEELDIR -> prints the directory
     local ctx="$STATE/context/$1"
     rm -rf "$ctx"; mkdir -p "$ctx/docker/wheelhouse"
-    git ls-files -z -co --exclude-standard pyproject.toml README.md s4l training evaluation service docker \
+    git ls-files -z -co --exclude-standard pyproject.toml README.md s4l training evaluation service study docker \
         | xargs -0 cp --parents -t "$ctx"
     cp -l "$2"/*.whl "$ctx/docker/wheelhouse/" 2>/dev/null || cp "$2"/*.whl "$ctx/docker/wheelhouse/"
     echo "$ctx"

@@ -33,6 +33,7 @@ COPY s4l ./s4l
 COPY training ./training
 COPY evaluation ./evaluation
 COPY service ./service
+COPY study ./study
 RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; fi \
  && /opt/s4l/bin/pip install -q "$@" --no-deps . \
  && ! /opt/s4l/bin/python -c "import torch" 2>/dev/null \

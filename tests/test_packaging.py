@@ -40,6 +40,19 @@ def test_package_list_matches_folders():
     }
 
 
+@pytest.mark.parametrize("dockerfile", ["serve.Dockerfile", "serve-gpu.Dockerfile",
+                                        "train.Dockerfile"])
+def test_every_image_copies_every_package_folder(dockerfile):
+    """An image installs the whole distribution: a package folder missing from its COPY lines
+    (or from build.sh's build context) fails `pip install .` inside the build (study/ once did)."""
+    text = (ROOT / "docker" / dockerfile).read_text()
+    context = next(line for line in (ROOT / "docker" / "build.sh").read_text().splitlines()
+                   if "git ls-files" in line)
+    for folder in MAPPING.values():
+        assert f"COPY {folder} ./{folder}" in text, (dockerfile, folder)
+        assert f" {folder} " in context, folder
+
+
 def test_every_python_file_is_inside_a_package():
     for _pkg, folder in MAPPING.items():
         for py in (ROOT / folder).rglob("*.py"):
