@@ -81,14 +81,20 @@ seeds = 2
 """
 
 
+def _study_file(tmp: Path, template: str, name: str, **fields) -> Path:
+    """`template` written as tmp/NAME.toml over a 3-class image folder, reporting to docs/NAME."""
+    data = make_image_folder(tmp / "data", classes=("a", "b", "c"), per_class=12, size=32)
+    path = tmp / f"{name}.toml"
+    path.write_text(template.format(data=data, report=tmp / "docs" / name, **fields))
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
-    data = make_image_folder(tmp / "data", classes=("a", "b", "c"), per_class=12, size=32)
-    path = tmp / "tiny.toml"
     other = make_image_folder(tmp / "other", splits=("train", "val"), classes=("x", "y"),
                               per_class=8, size=40, seed=1)
-    path.write_text(STUDY.format(data=data, report=tmp / "docs" / "tiny", other=other))
+    path = _study_file(tmp, STUDY, "tiny", other=other)
     work = tmp / "work"
     argv = ["study", str(path), "--smoke", "--workdir", str(work), "--report",
             str(tmp / "docs" / "tiny")]
@@ -430,9 +436,7 @@ factor = 2
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("curves")
-    data = make_image_folder(tmp / "data", classes=("a", "b", "c"), per_class=12, size=32)
-    path = tmp / "curves.toml"
-    path.write_text(CURVES.format(data=data, report=tmp / "docs" / "curves"))
+    path = _study_file(tmp, CURVES, "curves")
     work = tmp / "work"
     # The library call with the -smoke presets but the file's schedule (the command's --smoke
     # would cut it to 2 labelled epochs: too short for 4 curve points).
