@@ -129,8 +129,9 @@ def _steps(cfg, study: Study, counts: dict[str, int], schedule: dict[str, Any]):
     # Passes over the unlabelled images (S4L_REFERENCE.md: the release's 10% setting gives its
     # self-supervised stream 20); 0 for an objective that reads no unlabelled batch.
     passes = steps * b_u / counts["train"] if obj.uses_unlabelled and b_u else 0.0
-    return cfg, {"unlabelled_passes": round(passes, 3),"steps": steps, "images_per_step": per_step, "labelled_batch": b_l,
-                 "unlabelled_batch": b_u, "images": steps * per_step, "steps_per_epoch": spe,
+    return cfg, {"unlabelled_passes": round(passes, 3), "steps": steps,
+                 "images_per_step": per_step, "labelled_batch": b_l, "unlabelled_batch": b_u,
+                 "images": steps * per_step, "steps_per_epoch": spe,
                  "labelled_epochs": round(epochs, 3) if obj.uses_labelled else None,
                  "objective": cfg.objective.name}
 
