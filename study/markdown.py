@@ -140,6 +140,18 @@ def curves_section(doc: dict[str, Any], study: Study) -> list[str]:
     return out
 
 
+def _converged(ok: bool | None, held: float | None) -> str:
+    """The 1-point rule's verdict, and which way a failing arm moved: still climbing (more
+    training would help) or falling (the longer schedule overfits: the shorter one is past
+    converging, not short of it)."""
+    if ok is None:
+        return "-"
+    if ok:
+        return "yes"
+    return ("**no: held-out still climbing**" if held is not None and held > 0
+            else "no by the rule: held-out falls (the longer schedule overfits)")
+
+
 def convergence_section(conv: Any) -> list[str]:
     if isinstance(conv, dict):  # a report written before convergence had several arms
         conv = [{**conv, "gain_when_doubling": conv.get("supervised_gain_when_doubling_epochs")}]
@@ -162,7 +174,7 @@ def convergence_section(conv: Any) -> list[str]:
                    f"{two(c.get('steps'), 0)} | {two(c.get('unlabelled_passes'), 1)} | "
                    f"{two(c.get('heldout_top1'))} | {two(c.get('test_top1'))} | "
                    f"{_num(c.get('gain_when_doubling'))} | "
-                   f"{'-' if ok is None else ('yes' if ok else '**no: still moving**')} |")
+                   f"{_converged(ok, c.get('heldout_gain_when_doubling'))} |")
     return out
 
 
