@@ -4,6 +4,7 @@ what a shared machine gives reliably).
 
     .venv/bin/python benchmarks/train_step_cpu.py                 # fp32 vs bf16, S4L-Rotation step
     .venv/bin/python benchmarks/train_step_cpu.py --batch 64 --heads classes --compare threads
+    .venv/bin/python benchmarks/train_step_cpu.py --compare allocator   # huge pages, glibc heap
 
 The model is the CIFAR-10 studies' ResNet50v2 (width 0.25, 3x3 stride-2 stem, channels_last);
 the default batch, 1,536, is one step of experiments/table1_passes.toml's S4L-Rotation arm
@@ -15,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
 
 
-def measure(batch: int, heads: list[str], bf16: bool, steps: int) -> float:
-    """Images/s over `steps` SGD steps (after one warm-up step)."""
+def measure(batch: int, heads: list[str], bf16: bool, steps: int) -> tuple[float, float]:
+    """Images/s over `steps` SGD steps (after one warm-up step), and minor page faults per step."""
     import torch
     import torch.nn.functional as F
 
@@ -44,55 +46,96 @@ def measure(batch: int, heads: list[str], bf16: bool, steps: int) -> float:
         opt.step()
 
     step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    return batch * steps / (time.perf_counter() - t)
+    rate = batch * steps / (time.perf_counter() - t)
+    return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
 
 def child(args) -> None:
-    print(json.dumps({"img_s": measure(args.batch, args.heads, args.bf16, args.steps)}))
+    rate, faults = measure(args.batch, args.heads, args.bf16, args.steps)
+    print(json.dumps({"img_s": rate, "faults_per_step": faults}))
 
 
-def run_variant(args, bf16: bool, threads: int) -> float:
+# --compare allocator: the CPU allocator's settings, read by torch (c10) and glibc at start-up.
+# THP_MEM_ALLOC_ENABLE=1 makes torch align allocations of 2 MiB and more to 2 MiB and madvise them
+# as transparent huge pages (one page fault per 2 MiB instead of per 4 KiB, where the kernel's THP
+# mode is `madvise` or `always`); the glibc tunables keep freed blocks below 32 MiB in the heap
+# instead of returning them to the kernel after every step.
+GLIBC_KEEP = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
+ALLOCATORS = {
+    "default": {},
+    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "thp+glibc": {"THP_MEM_ALLOC_ENABLE": "1", "GLIBC_TUNABLES": GLIBC_KEEP},
+}
+
+
+def run_variant(args, bf16: bool, threads: int, extra_env: dict | None = None) -> float:
     """One window in a fresh process (OpenMP's thread count is fixed at start-up)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--child", "--batch", str(args.batch), "--steps",
-           str(args.steps), "--heads", *args.heads] + (["--bf16"] if bf16 else [])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(extra_env or {})}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--heads",
+        *args.heads,
+    ] + (["--bf16"] if bf16 else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["img_s"]
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["img_s"], result["faults_per_step"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1536)
-    p.add_argument("--heads", nargs="+", default=["classes", "rotation"],
-                   choices=["classes", "rotation"])
+    p.add_argument(
+        "--heads", nargs="+", default=["classes", "rotation"], choices=["classes", "rotation"]
+    )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--compare", choices=["precision", "threads"], default="precision")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="OpenMP threads for --compare precision")
+    p.add_argument("--compare", choices=["precision", "threads", "allocator"], default="precision")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="OpenMP threads for --compare precision",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     if args.compare == "precision":
-        variants = {"fp32": (False, args.threads), "bf16": (True, args.threads)}
+        variants = {"fp32": (False, args.threads, {}), "bf16": (True, args.threads, {})}
+    elif args.compare == "allocator":
+        variants = {name: (False, args.threads, env) for name, env in ALLOCATORS.items()}
     else:
-        variants = {f"{n} thread(s)": (False, n) for n in (1, os.cpu_count() or 1)}
+        variants = {f"{n} thread(s)": (False, n, {}) for n in (1, os.cpu_count() or 1)}
     rates: dict[str, list[float]] = {k: [] for k in variants}
+    faults: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):  # alternating windows
-        for name, (bf16, threads) in variants.items():
-            rates[name].append(run_variant(args, bf16, threads))
+        for name, (bf16, threads, env) in variants.items():
+            rate, per_step = run_variant(args, bf16, threads, env)
+            rates[name].append(rate)
+            faults[name].append(per_step)
     ref = next(iter(variants))
     load = os.getloadavg()[0]
-    print(f"batch {args.batch}, heads {args.heads}, {args.rounds} rounds x {args.steps} steps; "
-          f"load average at the end {load:.2f}")
+    print(
+        f"batch {args.batch}, heads {args.heads}, {args.rounds} rounds x {args.steps} steps; "
+        f"load average at the end {load:.2f}"
+    )
     for name, r in rates.items():
-        print(f"  {name:14s} best {max(r):7.1f} img/s  all {[round(v) for v in r]}  "
-              f"ratio to {ref}: {max(r) / max(rates[ref]):.2f}x")
+        print(
+            f"  {name:14s} best {max(r):7.1f} img/s  all {[round(v) for v in r]}  "
+            f"ratio to {ref}: {max(r) / max(rates[ref]):.2f}x  "
+            f"page faults/step {min(faults[name]):,.0f}"
+        )
 
 
 if __name__ == "__main__":

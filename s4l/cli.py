@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "serve": "s4l.service.cmd_serve",
     "demo": "s4l.demo",
 }
+# Commands that train with torch on the CPU: their allocator is tuned before torch loads.
+TRAINING_COMMANDS = frozenset({"train", "pseudo-label", "moam", "study"})
 
 
 def _load(module: str):
@@ -73,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     first = next((a for a in argv if not a.startswith("-")), None)
     chosen = first if first in COMMANDS else None
+    if chosen in TRAINING_COMMANDS:
+        from s4l.cpu_alloc import tune_for_training
+
+        tune_for_training()
     parser = build_parser(only=chosen)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -95,8 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"s4l {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
 
 
 def reference_markdown() -> str:
