@@ -271,6 +271,41 @@ def final_runs_section(doc: dict[str, Any], png: str) -> list[str]:
     return out
 
 
+def beside_section(doc: dict[str, Any]) -> list[str]:
+    """This study's methods beside an earlier study's (`[beside]`): schedule, passes, both
+    readings and each study's difference to its own supervised arm."""
+    b = doc.get("beside")
+    if not b:
+        return []
+    out = [f"\n## Beside {b['label']}\n"]
+    if b.get("error"):
+        return out + [f"The earlier report `{b['report']}` could not be read ({b['error']}).\n"]
+    out += [f"The methods both studies ran, from `{b['report']}` and this page's JSON. Mean ± "
+            "standard deviation over seeds; Δ: minus the same study's supervised mean, ± its "
+            "standard error.\n",
+            "| method | study | labelled epochs | steps | unlabelled passes | test top-1 | "
+            "test top-1 rot.-averaged | held-out top-1 | Δ test top-1 |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    sup = next((m for m in b["methods"] if m["method"] == "supervised"), None)
+    for m in b["methods"]:
+        for which, name in (("earlier", b.get("study") or "earlier"), ("this", doc["study"])):
+            arm = m[which]
+            if arm is None:
+                out.append(f"| {m['earlier']['label']} | {name} | pending | | | | | | |")
+                continue
+            ref = sup and sup[which]
+            delta = "-"
+            if ref and m is not sup and ref["test_top1"]:
+                d, se = diff_se(arm["test_top1"], ref["test_top1"])
+                delta = f"{d:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+            epochs = arm.get("labelled_epochs")
+            out.append(f"| {arm['label']} | {name} | {_num(epochs, 0)} | "
+                       f"{arm.get('steps') or '-'} | {_num(arm.get('unlabelled_passes'), 2)} | "
+                       f"{_ms(arm['test_top1'])} | {_ms(arm['test_top1_rotation_averaged'])} | "
+                       f"{_ms(arm['heldout_top1'])} | {delta} |")
+    return out
+
+
 def orderings_section(doc: dict[str, Any]) -> list[str]:
     """Which of the paper's orderings hold here."""
     out: list[str] = []
@@ -438,7 +473,7 @@ def runs_section(doc: dict[str, Any]) -> list[str]:
 
 def markdown(doc: dict[str, Any], study: Study, png: str) -> str:
     """The whole page, section by section."""
-    out = [*header_section(doc, study), *final_runs_section(doc, png),
+    out = [*header_section(doc, study), *final_runs_section(doc, png), *beside_section(doc),
            *readings_section(doc, study), *orderings_section(doc),
            *convergence_section(doc.get("convergence")), *curves_section(doc, study),
            *sweep_section(doc), *diagnosis_section(doc, study),

@@ -49,6 +49,41 @@ def summary(planner: Planner, ledger: dict[str, dict]) -> list[dict[str, Any]]:
     return out
 
 
+def _arms(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method with finished final runs: its schedule and the readings the pages compare."""
+    out = {}
+    for r in rows:
+        if not r["test_top1"]:
+            continue
+        final = next((x for x in runs if x.get("method") == r["method"] and x.get("final")), {})
+        out[r["method"]] = {
+            "label": r["label"], "labelled_epochs": final.get("labelled_epochs"),
+            "steps": final.get("steps"), "unlabelled_passes": r.get("unlabelled_passes"),
+            **{k: r.get(k) or [] for k in ("test_top1", "test_top1_rotation_averaged",
+                                           "heldout_top1")}}
+    return out
+
+
+def beside_report(beside: dict[str, str], rows: list[dict[str, Any]],
+                  runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The methods this study shares with an earlier study's report, both studies' readings side
+    by side; an unreadable earlier report is said in the page, never fatal to this one."""
+    from s4l.errors import UserError
+    from s4l.safeload import load_json_file
+
+    out: dict[str, Any] = {"report": beside["report"], "label": beside["label"]}
+    try:
+        earlier = load_json_file(Path(beside["report"]), "earlier study report", 64 << 20)
+        theirs = _arms(earlier["summary"], earlier["runs"])
+        out["study"] = earlier.get("study")
+    except (UserError, OSError, KeyError, TypeError, AttributeError) as e:  # missing or foreign
+        return {**out, "error": f"{type(e).__name__}: {e}"}
+    ours = _arms(rows, runs)
+    out["methods"] = [{"method": k, "earlier": theirs[k], "this": ours.get(k)}
+                      for k in theirs if k in {r["method"] for r in rows}]
+    return out
+
+
 def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analyses: dict,
                  report: Path, command: str, failed: dict[str, str], session_s: float) -> None:
     from s4l.provenance import file_sha256, machine_info
@@ -110,7 +145,7 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
         "common_overrides": dict(study.common), "sweep": {k: list(v) for k, v in study.sweep},
         "method_grids": {m.key: {k: list(v) for k, v in m.grid} for m in study.methods if m.grid},
         "selection": {k: v for k, v in planner.selection.items()},
-        "summary": summary(planner, ledger), "convergence": conv,
+        "summary": (rows := summary(planner, ledger)), "convergence": conv,
         "analyses": analyses, "diagnosis": diagnosis, "runs": runs + kept,
         "cost": {"machine_hours": round(total / 3600, 3),
                  "cpu_hours": round(total * cores / 3600, 3),
@@ -124,6 +159,8 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
                  **estimate(planner)},
         "machine": machine_info(), "failed": failed,
     }
+    if study.beside:
+        doc["beside"] = beside_report(study.beside, rows, runs)
     report.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(report.with_suffix(".json"), doc, newline=True, indent=2, default=str)
     try:

@@ -80,6 +80,14 @@ class TransferEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class BesideEntry:
+    """`[beside]`: an earlier study's JSON report whose methods the page sets beside this one's
+    (`report`: relative to the current directory, as this study's own `report`)."""
+    report: str
+    label: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyFile:
     """The study file's top level, as written."""
     name: str
@@ -100,6 +108,7 @@ class StudyFile:
     transfer: TransferEntry | None = None
     stage_schedule: dict[str, Any] | None = None
     curve_points: int = 0
+    beside: BesideEntry | None = None
 
 
 # ---------------------------------------------------------------------------- the study
@@ -156,6 +165,7 @@ class Study:
     stage_schedule: dict[str, Any] | None = None  # pretraining stages' {"images": N} (default:
                                                   # the study's schedule)
     curve_points: int = 0          # held-out evaluations per run (a learning curve); 0: at the end
+    beside: dict[str, str] | None = None  # {report, label}: an earlier study set beside this one
 
     def method(self, key: str) -> Method:
         for m in self.methods:
@@ -291,7 +301,9 @@ def load_study(path: str | os.PathLike) -> Study:
         report=f.report or f"runs/{f.name}/report",
         label_file=(str((path.parent / f.label_file).resolve()) if f.label_file else None),
         notes=f.notes, source_file=str(path),
-        stage_schedule=dict(stage_sched) if stage_sched else None, curve_points=f.curve_points)
+        stage_schedule=dict(stage_sched) if stage_sched else None, curve_points=f.curve_points,
+        beside=({"report": f.beside.report, "label": f.beside.label or f.beside.report}
+                if f.beside else None))
     # Every override must be a config key with a valid value: check on one preset now.
     probe = get_preset(methods[0].preset).config
     for pairs in (study.common, *(m.set for m in methods), *(d.set for d in diags)):

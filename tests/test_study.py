@@ -504,6 +504,59 @@ def test_convergence_of_every_arm_and_both_readings_on_the_page(curves):
     assert (tmp / "docs" / "curves_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _curves_beside(curves, earlier: Path, name: str) -> dict:
+    """The curves study's page rewritten from its ledger (nothing trained) with `[beside]`
+    naming `earlier`; the new JSON."""
+    tmp = curves["tmp"]
+    report = tmp / "docs" / name
+    shutil.copy(tmp / "docs" / "curves.json", report.with_suffix(".json"))
+    path = tmp / f"{name}.toml"
+    path.write_text(CURVES.format(data=tmp / "data", report=report)
+                    + f'\n[beside]\nreport = "{earlier}"\nlabel = "the earlier study"\n')
+    assert S.run_study(S.load_study(path), workdir=curves["work"], report=report, smoke=True,
+                       report_only=True) == 0
+    return json.loads(report.with_suffix(".json").read_text())
+
+
+def test_beside_sets_an_earlier_studys_rows_next_to_this_ones(curves, tiny):
+    doc = _curves_beside(curves, tiny["tmp"] / "docs" / "tiny.json", "beside")
+    assert {r["id"] for r in doc["runs"]} == {r["id"] for r in curves["doc"]["runs"]}
+    b = doc["beside"]
+    assert b["study"] == "tiny" and b["label"] == "the earlier study"
+    assert [m["method"] for m in b["methods"]] == ["supervised", "s4l-rotation"]
+    earlier = {r["method"]: r for r in tiny["doc"]["summary"]}
+    ours = {r["method"]: r for r in doc["summary"]}
+    runs = {r["id"]: r for r in doc["runs"]}
+    for m in b["methods"]:
+        k = m["method"]
+        assert m["earlier"]["test_top1"] == earlier[k]["test_top1"]
+        theirs = next(r for r in tiny["doc"]["runs"] if r["method"] == k and r["final"])
+        assert m["earlier"]["labelled_epochs"] == theirs["labelled_epochs"]  # --smoke: 2
+        assert m["this"]["labelled_epochs"] == 8
+        assert m["this"]["test_top1"] == ours[k]["test_top1"]
+        assert m["this"]["steps"] == runs[f"final/{k}/seed0"]["steps"]
+        assert m["this"]["unlabelled_passes"] == ours[k]["unlabelled_passes"]
+    md = (curves["tmp"] / "docs" / "beside.md").read_text()
+    section = md.split("## Beside the earlier study")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines()
+               if line.startswith("| s4l-rotation | curves |"))
+    d, se = S.diff_se(ours["s4l-rotation"]["test_top1"], ours["supervised"]["test_top1"])
+    assert f"| {d:+.2f} ± {se:.2f} |" in row
+    # The page leads with it: right after the final runs' table.
+    assert md.index("## Beside") < md.index("## Both readings") < md.index("## Convergence")
+
+
+def test_an_unreadable_earlier_report_is_said_on_the_page_and_loses_nothing(curves, tmp_path):
+    (tmp_path / "foreign.json").write_text('{"not": "a study"}')
+    for earlier in (tmp_path / "absent.json", tmp_path / "foreign.json"):
+        doc = _curves_beside(curves, earlier, "beside_bad")
+        assert "error" in doc["beside"] and "methods" not in doc["beside"]
+        assert doc["summary"] == json.loads((curves["tmp"] / "docs" / "curves.json")
+                                            .read_text())["summary"]
+        md = (curves["tmp"] / "docs" / "beside_bad.md").read_text()
+        assert f"The earlier report `{earlier}` could not be read" in md
+
+
 def test_a_method_grid_narrows_its_own_sweep_only(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=12, size=32)
     path = tmp_path / "g.toml"
