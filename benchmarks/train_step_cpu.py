@@ -23,7 +23,8 @@ import time
 
 
 def measure(batch: int, heads: list[str], bf16: bool, steps: int) -> tuple[float, float]:
-    """Images/s over `steps` SGD steps (after one warm-up step), and minor page faults per step."""
+    """Images/s over `steps` SGD steps (after one warm-up step), and minor page faults per step
+    (the child also reports its peak resident memory)."""
     import torch
     import torch.nn.functional as F
 
@@ -56,7 +57,8 @@ def measure(batch: int, heads: list[str], bf16: bool, steps: int) -> tuple[float
 
 def child(args) -> None:
     rate, faults = measure(args.batch, args.heads, args.bf16, args.steps)
-    print(json.dumps({"img_s": rate, "faults_per_step": faults}))
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"img_s": rate, "faults_per_step": faults, "peak_rss_mib": peak_mib}))
 
 
 # --compare allocator: the CPU allocator's settings, read by torch (c10) and glibc at start-up.
@@ -72,7 +74,9 @@ ALLOCATORS = {
 }
 
 
-def run_variant(args, bf16: bool, threads: int, extra_env: dict | None = None) -> float:
+def run_variant(
+    args, bf16: bool, threads: int, extra_env: dict | None = None
+) -> tuple[float, float, float]:
     """One window in a fresh process (OpenMP's thread count is fixed at start-up)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(extra_env or {})}
     cmd = [
@@ -88,7 +92,7 @@ def run_variant(args, bf16: bool, threads: int, extra_env: dict | None = None) -
     ] + (["--bf16"] if bf16 else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    return result["img_s"], result["faults_per_step"]
+    return result["img_s"], result["faults_per_step"], result["peak_rss_mib"]
 
 
 def main() -> None:
@@ -119,11 +123,13 @@ def main() -> None:
         variants = {f"{n} thread(s)": (False, n, {}) for n in (1, os.cpu_count() or 1)}
     rates: dict[str, list[float]] = {k: [] for k in variants}
     faults: dict[str, list[float]] = {k: [] for k in variants}
+    peak: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):  # alternating windows
         for name, (bf16, threads, env) in variants.items():
-            rate, per_step = run_variant(args, bf16, threads, env)
+            rate, per_step, peak_mib = run_variant(args, bf16, threads, env)
             rates[name].append(rate)
             faults[name].append(per_step)
+            peak[name].append(peak_mib)
     ref = next(iter(variants))
     load = os.getloadavg()[0]
     print(
@@ -134,7 +140,7 @@ def main() -> None:
         print(
             f"  {name:14s} best {max(r):7.1f} img/s  all {[round(v) for v in r]}  "
             f"ratio to {ref}: {max(r) / max(rates[ref]):.2f}x  "
-            f"page faults/step {min(faults[name]):,.0f}"
+            f"page faults/step {min(faults[name]):,.0f}  peak RSS {max(peak[name]):,.0f} MiB"
         )
 
 
