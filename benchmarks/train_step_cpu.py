@@ -5,6 +5,7 @@ what a shared machine gives reliably).
     .venv/bin/python benchmarks/train_step_cpu.py                 # fp32 vs bf16, S4L-Rotation step
     .venv/bin/python benchmarks/train_step_cpu.py --batch 64 --heads classes --compare threads
     .venv/bin/python benchmarks/train_step_cpu.py --compare allocator   # huge pages, glibc heap
+    .venv/bin/python benchmarks/train_step_cpu.py --compare compile     # torch.compile (inductor)
 
 The model is the CIFAR-10 studies' ResNet50v2 (width 0.25, 3x3 stride-2 stem, channels_last);
 the default batch, 1,536, is one step of experiments/table1_passes.toml's S4L-Rotation arm
@@ -22,9 +23,11 @@ import sys
 import time
 
 
-def measure(batch: int, heads: list[str], bf16: bool, steps: int) -> tuple[float, float]:
-    """Images/s over `steps` SGD steps (after one warm-up step), and minor page faults per step
-    (the child also reports its peak resident memory)."""
+def measure(
+    batch: int, heads: list[str], bf16: bool, steps: int, compiled: bool = False
+) -> tuple[float, float]:
+    """Images/s over `steps` SGD steps (after warm-up steps, which include compilation when
+    `compiled`), and minor page faults per step (the child also reports its peak resident memory)."""
     import torch
     import torch.nn.functional as F
 
@@ -37,16 +40,18 @@ def measure(batch: int, heads: list[str], bf16: bool, steps: int) -> tuple[float
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
     ys = {h: torch.randint(0, sizes[h], (batch,)) for h in heads}
+    forward = torch.compile(model) if compiled else model
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x, heads=tuple(heads))
+            out = forward(x, heads=tuple(heads))
             loss = sum(F.cross_entropy(out[h].float(), ys[h]) for h in heads)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    step()
+    for _ in range(2 if compiled else 1):
+        step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
     for _ in range(steps):
@@ -56,7 +61,7 @@ def measure(batch: int, heads: list[str], bf16: bool, steps: int) -> tuple[float
 
 
 def child(args) -> None:
-    rate, faults = measure(args.batch, args.heads, args.bf16, args.steps)
+    rate, faults = measure(args.batch, args.heads, args.bf16, args.steps, args.compiled)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"img_s": rate, "faults_per_step": faults, "peak_rss_mib": peak_mib}))
 
@@ -75,7 +80,7 @@ ALLOCATORS = {
 
 
 def run_variant(
-    args, bf16: bool, threads: int, extra_env: dict | None = None
+    args, bf16: bool, threads: int, extra_env: dict | None = None, compiled: bool = False
 ) -> tuple[float, float, float]:
     """One window in a fresh process (OpenMP's thread count is fixed at start-up)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(extra_env or {})}
@@ -89,7 +94,7 @@ def run_variant(
         str(args.steps),
         "--heads",
         *args.heads,
-    ] + (["--bf16"] if bf16 else [])
+    ] + (["--bf16"] if bf16 else []) + (["--compiled"] if compiled else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     return result["img_s"], result["faults_per_step"], result["peak_rss_mib"]
@@ -103,7 +108,7 @@ def main() -> None:
     )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--compare", choices=["precision", "threads", "allocator"], default="precision")
+    p.add_argument("--compare", choices=["precision", "threads", "allocator", "compile"], default="precision")
     p.add_argument(
         "--threads",
         type=int,
@@ -112,11 +117,17 @@ def main() -> None:
     )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    compiled = {}
     if args.compare == "precision":
         variants = {"fp32": (False, args.threads, {}), "bf16": (True, args.threads, {})}
+    elif args.compare == "compile":  # both with the allocator settings training uses
+        keep = ALLOCATORS["thp+glibc"]
+        variants = {"eager": (False, args.threads, keep), "compiled": (False, args.threads, keep)}
+        compiled = {"compiled": True}
     elif args.compare == "allocator":
         variants = {name: (False, args.threads, env) for name, env in ALLOCATORS.items()}
     else:
@@ -126,7 +137,9 @@ def main() -> None:
     peak: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):  # alternating windows
         for name, (bf16, threads, env) in variants.items():
-            rate, per_step, peak_mib = run_variant(args, bf16, threads, env)
+            rate, per_step, peak_mib = run_variant(
+                args, bf16, threads, env, compiled.get(name, False)
+            )
             rates[name].append(rate)
             faults[name].append(per_step)
             peak[name].append(peak_mib)
