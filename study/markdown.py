@@ -197,10 +197,15 @@ def header_section(doc: dict[str, Any], study: Study) -> list[str]:
         out.append("- every run: " + ", ".join(f"`{k}={v}`" for k, v in doc["common_overrides"].items()))
     if doc["sweep"]:
         own = doc.get("method_grids") or {}
-        out.append(f"- sweep (seed 0, {'each method the same grid' if not own else 'the grid'}): "
+        extra = doc.get("method_extra_points") or {}
+        same = not own and not extra
+        out.append(f"- sweep (seed 0, {'each method the same grid' if same else 'the grid'}): "
                    + " x ".join(f"`{k}` in {v}" for k, v in doc["sweep"].items())
                    + "".join(f"; {m}: " + ", ".join(f"`{k}` in {v} only" for k, v in g.items())
-                             for m, g in own.items()))
+                             for m, g in own.items())
+                   + "".join(f"; {m} also at " + " and ".join(
+                       "(" + ", ".join(f"`{k}={v}`" for k, v in p.items()) + ")" for p in pts)
+                             for m, pts in extra.items()))
     staged = any(r.get("earlier_stages") for r in doc["summary"])
     if staged:
         stage = doc.get("stage_schedule") or doc["schedule"]

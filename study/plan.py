@@ -226,11 +226,17 @@ class Planner:
         return self.runs[run.alias_of] if run.alias_of else run
 
     def grid(self, m: Method | None = None) -> list[dict[str, Any]]:
-        """The sweep's points (for `m`: with its own lists where it gives some), in order."""
+        """The sweep's points (for `m`: with its own lists where it gives some, then its extra
+        points), in order."""
         own = dict(m.grid) if m else {}
         keys = [k for k, _ in self.study.sweep]
         lists = [own.get(k, v) for k, v in self.study.sweep]
-        return [dict(zip(keys, vals)) for vals in itertools.product(*lists)]
+        points = [dict(zip(keys, vals)) for vals in itertools.product(*lists)]
+        for extra in (m.extra if m else ()):
+            point = {k: dict(extra)[k] for k in keys}  # the sweep's key order: the run's tag
+            if point not in points:
+                points.append(point)
+        return points
 
     @staticmethod
     def tag(hyper: dict[str, Any]) -> str:

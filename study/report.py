@@ -144,6 +144,8 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
         "label_file_sha256": file_sha256(planner.label_file) if planner.label_file else None,
         "common_overrides": dict(study.common), "sweep": {k: list(v) for k, v in study.sweep},
         "method_grids": {m.key: {k: list(v) for k, v in m.grid} for m in study.methods if m.grid},
+        "method_extra_points": {m.key: [dict(p) for p in m.extra]
+                                for m in study.methods if m.extra},
         "selection": {k: v for k, v in planner.selection.items()},
         "summary": (rows := summary(planner, ledger)), "convergence": conv,
         "analyses": analyses, "diagnosis": diagnosis, "runs": runs + kept,

@@ -46,6 +46,7 @@ class MethodEntry:
     sweep: bool = True
     set: dict[str, Any] | None = None
     grid: dict[str, Any] | None = None
+    extra: Any = None  # checked by _extra_points (a list of whole sweep points)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +126,7 @@ class Method:
     set: tuple[tuple[str, Any], ...] = ()
     grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # this method's values of some of the
                                    # study's sweep keys (the others: the study's lists)
+    extra: tuple[tuple[tuple[str, Any], ...], ...] = ()  # whole points swept after the grid's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +186,23 @@ def _pairs(d: Any, where: str) -> tuple[tuple[str, Any], ...]:
                  for k, v in d.items())
 
 
+def _extra_points(points: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    """`extra = [{"optim.lr" = 0.05, "optim.weight_decay" = 0.01}, ...]`: whole sweep points a
+    method runs beside its grid (e.g. another method's selection), each a number per key."""
+    if points is None:
+        return ()
+    if not isinstance(points, list) or not points:
+        raise UserError(f"{where}: extra must be a non-empty list of tables, got {points!r}")
+    out = []
+    for point in points:
+        if not isinstance(point, dict) or not point:
+            raise UserError(f"{where}: each extra point is a table of sweep values, got {point!r}")
+        for k, v in point.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise UserError(f"{where}: extra point {point!r}: {k} must be a number")
+        out.append(tuple(point.items()))
+    return tuple(out)
+
 
 def load_study(path: str | os.PathLike) -> Study:
     """Parse and check a study file; every mistake is one clear UserError."""
@@ -218,7 +237,8 @@ def load_study(path: str | os.PathLike) -> Study:
         methods.append(Method(
             key=m.key, preset=m.preset, seeds=m.seeds, label=m.label or m.key,
             pretrain=m.pretrain, teacher=m.teacher, sweep=m.sweep,
-            set=_pairs(m.set, f"method {m.key}.set"), grid=_pairs(m.grid, f"method {m.key}.grid")))
+            set=_pairs(m.set, f"method {m.key}.set"), grid=_pairs(m.grid, f"method {m.key}.grid"),
+            extra=_extra_points(m.extra, f"{path}: method {m.key!r}")))
     keys = [m.key for m in methods]
     if len(set(keys)) != len(keys):
         raise UserError(f"{path}: method keys repeat: {keys}")
@@ -249,6 +269,11 @@ def load_study(path: str | os.PathLike) -> Study:
                                 f"of the study ({[k for k, _ in sweep]})")
             if not isinstance(v, tuple) or not v:
                 raise UserError(f"{path}: method {m.key!r}: grid.{k} must be a non-empty list")
+        for point in m.extra:
+            if {k for k, _ in point} != {k for k, _ in sweep}:
+                raise UserError(f"{path}: method {m.key!r}: each extra point gives every sweep "
+                                f"key, {[k for k, _ in sweep]}, and no other; got "
+                                f"{[k for k, _ in point]}")
     diags = []
     for i, table in enumerate(f.diagnosis):
         name = table.get("key", f"#{i + 1}") if isinstance(table, dict) else f"#{i + 1}"

@@ -339,6 +339,12 @@ def test_a_changed_config_does_not_pass_old_runs_off_as_its_own(tiny, tmp_path, 
     ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[sweep]\n"optim.lr" = [0.1]\n'
      '[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n'
      'grid = { "optim.weight_decay" = [0.1] }\n', "is not a sweep key"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[sweep]\n"optim.lr" = [0.1]\n'
+     '"optim.weight_decay" = [0.1]\n[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n'
+     'extra = [{ "optim.lr" = 0.05 }]\n', "each extra point gives every sweep key"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[sweep]\n"optim.lr" = [0.1]\n'
+     '[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n'
+     'extra = [{ "optim.lr" = "fast" }]\n', "must be a number"),
     # Read with the training config's typed machinery: a wrong type is one line naming the key.
     ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[[method]]\nkey="a"\n'
      'preset="cifar10-supervised-10pct"\nseeds = "two"\n', "seeds: expected an integer"),
@@ -576,13 +582,19 @@ preset = "cifar10-supervised-10pct"
 key = "s4l-rotation"
 preset = "cifar10-s4l-rotation-10pct"
 grid = {{ "optim.weight_decay" = [0.03] }}
+# a whole point after the grid's, keys in any order; one already in the grid is not repeated
+extra = [{{ "optim.weight_decay" = 0.01, "optim.lr" = 0.05 }},
+         {{ "optim.lr" = 0.025, "optim.weight_decay" = 0.03 }}]
 """)
     study = S.load_study(path)
     planner = S.Planner(study, str(data), tmp_path / "w", {}, smoke=True)
     sweep = [r.id for r in planner.build() if r.role == "sweep"]
     assert sweep == [f"sweep/supervised/{t}/seed0" for t in
                      ("lr0.05_wd0.03", "lr0.05_wd0.01", "lr0.025_wd0.03", "lr0.025_wd0.01")] + \
-                    [f"sweep/s4l-rotation/{t}/seed0" for t in ("lr0.05_wd0.03", "lr0.025_wd0.03")]
+                    [f"sweep/s4l-rotation/{t}/seed0" for t in
+                     ("lr0.05_wd0.03", "lr0.025_wd0.03", "lr0.05_wd0.01")]
+    extra = planner.runs["sweep/s4l-rotation/lr0.05_wd0.01/seed0"]
+    assert extra.config.optim.weight_decay == 0.01 and extra.config.optim.lr == 0.05
     # Until its sweep finishes, a method's later runs are planned at its own first point.
     assert planner.selection["s4l-rotation"] == {"hyper": {"optim.lr": 0.05,
                                                            "optim.weight_decay": 0.03},
