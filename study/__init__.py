@@ -3,7 +3,8 @@
 The fourth part, above training/ and evaluation/ (docs/architecture.md): planning is pure and
 unit-tested; running calls library functions, never the CLI. One module per concern:
 `spec` (the study file), `plan` (runs, identities, selection), `ledger` (finished runs),
-`runner` (what to train next, training, analyses), `analyses` (BN recompute, transfer), `cost`
+`runner` (what to train next, training, analyses), `lock` (one study process per work
+folder), `analyses` (BN recompute, transfer), `cost`
 (rates, estimates, the dry-run table), `report` (the JSON), `markdown` (the page), `plots`,
 `cmd_study` (the command).
 

@@ -14,6 +14,7 @@ from typing import Any
 from s4l.study.analyses import bn_recompute, transfer_step
 from s4l.study.cost import print_plan
 from s4l.study.ledger import RETRAINED_KEYS, cpu_name, load_ledger, now, record_of
+from s4l.study.lock import study_lock
 from s4l.study.plan import Planner, Run, resolve_data
 from s4l.study.report import write_report
 from s4l.study.spec import Study
@@ -101,6 +102,20 @@ def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
               overrides: Sequence[str] = (), only: Sequence[str] = (), dry_run: bool = False,
               progress: bool = False, command: str = "", rate: float | None = None,
               report_only: bool = False) -> int:
+    """Train what is left of the plan (one process per work folder: study/lock.py), or print
+    it (`dry_run`), or rewrite the report from the ledger (`report_only`)."""
+    kw = dict(workdir=workdir, report=report, smoke=smoke, overrides=overrides, only=only,
+              dry_run=dry_run, progress=progress, command=command, rate=rate,
+              report_only=report_only)
+    if dry_run or report_only:
+        return _run_study(study, **kw)
+    with study_lock(workdir):
+        return _run_study(study, **kw)
+
+
+def _run_study(study: Study, *, workdir: Path, report: Path, smoke: bool,
+               overrides: Sequence[str], only: Sequence[str], dry_run: bool,
+               progress: bool, command: str, rate: float | None, report_only: bool) -> int:
     data = resolve_data("builtin:digits" if smoke and study.data == "cifar10" else study.data)
     ledger_path = report.with_suffix(".json")
     ledger, analyses = load_ledger(ledger_path)

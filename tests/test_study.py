@@ -256,6 +256,32 @@ def test_rerun_trains_nothing_and_the_report_alone_keeps_the_study(tiny, capsys)
     assert {r["id"] for r in again["runs"]} == {r["id"] for r in tiny["doc"]["runs"]}
 
 
+def test_a_second_study_on_the_same_work_folder_is_refused_until_the_first_is_gone(tiny):
+    """Two `s4l study` processes on one work folder would train the same runs and each rewrite
+    the report from its own ledger: the second is refused with one line naming the first; the
+    read-only commands still work; a SIGKILLed holder leaves no stale lock behind."""
+    from s4l.cli import main
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from s4l.study.lock import study_lock; cm = study_lock(Path(sys.argv[1])); "
+         "cm.__enter__(); print('held', flush=True); time.sleep(600)", str(tiny["work"])],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = subprocess.run([sys.executable, "-m", "s4l.cli", *tiny["argv"]],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2, p.stderr
+        assert "another `s4l study` is running in" in p.stderr
+        assert f"pid {holder.pid} on" in p.stderr and "Traceback" not in p.stderr
+        assert main([*tiny["argv"], "--dry-run"]) == 0
+        assert main([*tiny["argv"], "--report-only"]) == 0
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert main(tiny["argv"]) == 0  # the kernel released the killed holder's lock
+
+
 def test_an_analysis_left_undone_is_finished_on_a_fresh_machine_by_retraining_its_run(
         tiny, tmp_path):
     """A session that ended after the selected run but before its BN analysis: the next machine
