@@ -159,6 +159,12 @@ def test_moam_pipeline_at_smoke_size(tmp_path):
     assert json.loads((tmp_path / "step3" / "source.json").read_text())["from_sha256"] == \
         file_sha256(ck2)
     assert json.loads((tmp_path / "moam.json").read_text())["final_checkpoint"] == str(ck3)
+    # Every stage names what it was made from, in its source.json and in the summary.
+    src = {i: json.loads((tmp_path / f"step{i}" / "source.json").read_text()) for i in (1, 2, 3)}
+    assert src[1]["from"] is None and "from_sha256" not in src[1] and "from" not in stages["step1"]
+    assert src[2]["from_sha256"] == file_sha256(tmp_path / "pseudo_labels.json")
+    assert stages["step2"]["from"] == str(tmp_path / "pseudo_labels.json")
+    assert stages["step3"]["from"] == str(ck2) and stages["step3"]["sha256"] == file_sha256(ck3)
     assert read_checkpoint(ck1)["config"]["bn"]["sync"] is True
     # Rerunning resumes every stage (nothing retrained: checkpoints unchanged).
     before = [file_sha256(c) for c in (ck1, ck2, ck3)]

@@ -86,15 +86,26 @@ def run_moam(data: str, workdir: str | os.PathLike, *, labels: str | None = None
         summary["stages"][stage] = info
         _write_json(root / "moam.json", summary)
 
+    def train_stage(stage: str, row: str, extra: list,
+                    source: Path | None) -> tuple[Path, C.TrainConfig]:
+        """Train one stage in root/<stage>; its source.json and the summary name what it was
+        made from (`source`: the pseudo-label file or the checkpoint it starts from)."""
+        workdir = root / stage
+        cfg = stage_config(row, stage, extra)
+        log.info("MOAM %s -> %s", stage, workdir)
+        metrics = train(cfg, workdir, device=device, progress=progress)
+        ck = workdir / "checkpoint.pt"
+        made_from: dict[str, Any] = {"from": None if source is None else str(source)}
+        if source is not None:
+            made_from["from_sha256"] = file_sha256(source)
+        _write_json(workdir / "source.json", {"stage": stage, "preset": cfg.preset, **made_from})
+        info = {"workdir": str(workdir), "checkpoint": str(ck), "sha256": file_sha256(ck)}
+        record(stage, {**info, **({"from": str(source)} if source else {}), "metrics": metrics})
+        return ck, cfg
+
     # ---- step 1: S4L-Rotation + VAT + EntMin, 4x wide, synced BN, EMA
-    s1 = root / "step1"
-    cfg1 = stage_config("moam-step1", "step1", label_sets)
-    log.info("MOAM step 1 -> %s", s1)
-    m1 = train(cfg1, s1, device=device, progress=progress)
-    ck1 = s1 / "checkpoint.pt"
-    sha1 = file_sha256(ck1)
-    _write_json(s1 / "source.json", {"stage": "step1", "preset": cfg1.preset, "from": None})
-    record("step1", {"workdir": str(s1), "checkpoint": str(ck1), "sha256": sha1, "metrics": m1})
+    ck1, cfg1 = train_stage("step1", "moam-step1", label_sets, None)
+    sha1 = summary["stages"]["step1"]["sha256"]
 
     # ---- pseudo-labels from the step-1 model (its EMA weights)
     pl = root / "pseudo_labels.json"
@@ -109,28 +120,12 @@ def run_moam(data: str, workdir: str | os.PathLike, *, labels: str | None = None
                              "teacher_accuracy": doc["provenance"].get("teacher_accuracy")})
 
     # ---- step 2: a new 4x-wide net trained from scratch on all images with those labels
-    s2 = root / "step2"
-    cfg2 = stage_config("moam-pseudo-label", "step2",
-                        [("data.root", data), ("data.pseudo_labels", str(pl.resolve()))])
-    log.info("MOAM step 2 -> %s", s2)
-    m2 = train(cfg2, s2, device=device, progress=progress)
-    ck2 = s2 / "checkpoint.pt"
-    _write_json(s2 / "source.json", {"stage": "step2", "preset": cfg2.preset,
-                                     "from": str(pl), "from_sha256": file_sha256(pl)})
-    record("step2", {"workdir": str(s2), "checkpoint": str(ck2), "sha256": file_sha256(ck2),
-                     "from": str(pl), "metrics": m2})
+    ck2, _ = train_stage("step2", "moam-pseudo-label",
+                         [("data.root", data), ("data.pseudo_labels", str(pl.resolve()))], pl)
 
     # ---- step 3: fine-tune the step-2 net on the labelled subset
-    s3 = root / "step3"
-    cfg3 = stage_config("moam-finetune", "step3",
-                        [*label_sets, ("init.checkpoint", str(ck2.resolve()))])
-    log.info("MOAM step 3 -> %s", s3)
-    m3 = train(cfg3, s3, device=device, progress=progress)
-    ck3 = s3 / "checkpoint.pt"
-    _write_json(s3 / "source.json", {"stage": "step3", "preset": cfg3.preset,
-                                     "from": str(ck2), "from_sha256": file_sha256(ck2)})
-    record("step3", {"workdir": str(s3), "checkpoint": str(ck3), "sha256": file_sha256(ck3),
-                     "from": str(ck2), "metrics": m3})
+    ck3, _ = train_stage("step3", "moam-finetune",
+                         [*label_sets, ("init.checkpoint", str(ck2.resolve()))], ck2)
     summary["final_checkpoint"] = str(ck3)
     _write_json(root / "moam.json", summary)
     return summary
