@@ -491,6 +491,26 @@ def test_truncated_archive_is_refused(tmp_path, good):
     assert not (tmp_path / "o.pt").exists()
 
 
+@pytest.mark.parametrize("where", [0.2, 0.5, 0.8])
+def test_an_archive_with_corrupted_compressed_bytes_is_refused_and_writes_nothing(
+        tmp_path, good, where):
+    """Bytes flipped inside the gzip stream (not cut short). tarfile stops listing members at
+    the first header it cannot read, without an error, so this read as "0 TF-Hub modules";
+    it must say the archive is damaged, and leave no output."""
+    from s4l.training.tfhub.importer import import_tfhub
+
+    tgz = tmp_path / "m.tgz"
+    with tarfile.open(tgz, "w:gz", compresslevel=1) as tar:
+        tar.add(good[0], arcname="m")
+    data = bytearray(tgz.read_bytes())
+    at = int(len(data) * where)
+    data[at:at + 64] = bytes(b ^ 0x5A for b in data[at:at + 64])
+    tgz.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"archive .*m\.tgz is damaged"):
+        import_tfhub(tgz, tmp_path / "o.pt", progress=False, cache=tmp_path / "cache")
+    assert not (tmp_path / "o.pt").exists()
+
+
 def test_not_a_module_at_all(tmp_path):
     from s4l.training.tfhub.importer import import_tfhub
 

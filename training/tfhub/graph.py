@@ -104,6 +104,8 @@ def refusal(op: str) -> str | None:
 
 
 def human_size(n: int) -> str:
+    if n >= 1 << 30:
+        return f"{n >> 30} GiB"
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 

@@ -26,11 +26,11 @@ import contextlib
 import dataclasses
 import hashlib
 import http.client
+import io
 import json
 import logging
 import os
 import re
-import shutil
 import struct
 import tarfile
 import tempfile
@@ -41,6 +41,7 @@ import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from s4l.errors import UserError
 from s4l.io import publish
@@ -145,6 +146,38 @@ def _check_folder(module: ModuleFiles, what: str) -> None:
 # ----------------------------------------------------------------------------- archives
 
 
+def _check_member(archive: Path, m: tarfile.TarInfo, cap: int) -> None:
+    """Refuse a member that is not a regular file or declares more than `cap` bytes, before
+    anything of it is read."""
+    if not m.isfile():
+        raise UserError(f"archive {archive}: {m.name} is not a regular file (a link or device); "
+                        "refusing it")
+    if m.size > cap:
+        raise UserError(f"archive {archive}: {m.name} declares {m.size} bytes, over the "
+                        f"{human_size(cap)} limit; refusing it")
+
+
+def _copy_member(tar: tarfile.TarFile, archive: Path, m: tarfile.TarInfo, out: IO[bytes]) -> None:
+    """Copy a checked member's bytes to `out` in 1 MiB pieces, at most its declared size; a
+    damaged or short archive is one clear error (an error writing `out` is not blamed on it)."""
+    left = m.size
+    try:
+        f = tar.extractfile(m)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise UserError(f"archive {archive} is damaged or truncated at {m.name} ({e})") from None
+    with f:
+        while left:
+            try:
+                chunk = f.read(min(left, 1 << 20))
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+                raise UserError(f"archive {archive} is damaged or truncated at {m.name} "
+                                f"({e})") from None
+            if not chunk:
+                raise UserError(f"archive {archive} is truncated: {m.name} is cut short")
+            out.write(chunk)
+            left -= len(chunk)
+
+
 def _read_member(tar: tarfile.TarFile, archive: Path, members: list[tarfile.TarInfo],
                  cap: int) -> bytes | None:
     """The bytes of the one regular-file member in `members` (None when there is none), read
@@ -154,22 +187,26 @@ def _read_member(tar: tarfile.TarFile, archive: Path, members: list[tarfile.TarI
     if len(members) > 1:
         raise UserError(f"archive {archive} holds {len(members)} copies of {members[0].name}; "
                         "refusing an ambiguous module")
-    m = members[0]
-    if not m.isfile():
-        raise UserError(f"archive {archive}: {m.name} is not a regular file (a link or device); "
-                        "refusing it")
-    if m.size > cap:
-        raise UserError(f"archive {archive}: {m.name} declares {m.size} bytes, over the "
-                        f"{human_size(cap)} limit; refusing it")
+    _check_member(archive, members[0], cap)
+    buf = io.BytesIO()
+    _copy_member(tar, archive, members[0], buf)
+    return buf.getvalue()
+
+
+def _check_end(tar: tarfile.TarFile, archive: Path, members: list[tarfile.TarInfo]) -> None:
+    """tarfile ends its member list without a word at the first unreadable header after the
+    first one, so a damaged archive would read as a whole one with members missing (and be
+    refused as "0 modules"). A whole archive has its end marker, a zero block, or nothing where
+    the list stopped."""
     try:
-        f = tar.extractfile(m)
-        with f:
-            data = f.read(cap + 1)
+        tar.fileobj.seek(tar.offset)  # a gzip stream rewinds: one more decompression pass
+        block = tar.fileobj.read(tarfile.BLOCKSIZE)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise UserError(f"archive {archive} is damaged or truncated at {m.name} ({e})") from None
-    if len(data) != m.size:
-        raise UserError(f"archive {archive} is truncated: {m.name} is cut short")
-    return data
+        raise UserError(f"archive {archive} is damaged or truncated ({e})") from None
+    if block.strip(b"\0"):
+        after = f"after {members[-1].name}" if members else "at its start"
+        raise UserError(f"archive {archive} is damaged: an unreadable entry {after} (byte "
+                        f"{tar.offset:,} of its tar stream); download it again")
 
 
 def _unpack(archive: Path, module: ModuleFiles) -> None:
@@ -185,8 +222,9 @@ def _unpack(archive: Path, module: ModuleFiles) -> None:
     with tar:
         try:
             members = tar.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise UserError(f"archive {archive} is damaged or truncated ({e})") from None
+        _check_end(tar, archive, members)
         roots = [m.name[: -len(INDEX)] for m in members
                  if m.name == INDEX or m.name.endswith("/" + INDEX)]
         if len(roots) != 1:
@@ -209,24 +247,12 @@ def _unpack(archive: Path, module: ModuleFiles) -> None:
             rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
             if rel is None or not (rel == INDEX or _SHARD.match(rel)):
                 continue  # the graph is read as bytes above; assets are never unpacked
-            if not m.isfile():
-                raise UserError(f"archive {archive}: {m.name} is not a regular file (a link or "
-                                "device); refusing it")
-            if m.size > MAX_ARCHIVE_MEMBER:
-                raise UserError(f"archive {archive}: {m.name} declares {m.size} bytes, over the "
-                                f"{MAX_ARCHIVE_MEMBER >> 30} GiB limit")
+            _check_member(archive, m, MAX_ARCHIVE_MEMBER)
             wanted.append((m, rel))
         (dest / "variables").mkdir(parents=True)
         for m, rel in wanted:
-            try:
-                f = tar.extractfile(m)
-                with f, open(dest / rel, "wb") as out:
-                    shutil.copyfileobj(f, out, 1 << 20)
-            except (tarfile.TarError, OSError, EOFError) as e:
-                raise UserError(f"archive {archive} is damaged or truncated at {m.name} "
-                                f"({e})") from None
-            if (dest / rel).stat().st_size != m.size:
-                raise UserError(f"archive {archive} is truncated: {m.name} is cut short")
+            with open(dest / rel, "wb") as out:
+                _copy_member(tar, archive, m, out)
 
 
 # ----------------------------------------------------------------------------- downloads
