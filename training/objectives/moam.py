@@ -27,35 +27,22 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from s4l.training.objectives.base import Objective, ObjectiveOutput
-from s4l.training.objectives.losses import NUM_ROTATIONS, entropy
-from s4l.training.objectives.rotation import RotationForward
+from s4l.training.objectives.base import ObjectiveOutput
+from s4l.training.objectives.losses import entropy
+from s4l.training.objectives.rotation import RotationForward, S4LRotationObjective
 from s4l.training.objectives.vat import vat_loss
 
 
-class MOAMObjective(Objective):
-    """MOAM step 1. Metrics: loss, loss_class, loss_rotation, loss_rotation_labelled,
-    loss_rotation_unlabelled, loss_vat, entropy, acc_class, acc_rotation."""
+class MOAMObjective(S4LRotationObjective):
+    """MOAM step 1: S4L-Rotation's two heads and forward pass, with its own loss weights plus
+    VAT and entropy minimisation on the unlabelled stream. Metrics: S4L-Rotation's, with
+    loss_vat and entropy."""
 
     name: ClassVar[str] = "moam"
-    device_rotations: ClassVar[int] = NUM_ROTATIONS
-    uses_labelled: ClassVar[bool] = True
-    uses_unlabelled: ClassVar[bool] = True
-    rotation_eval: ClassVar[bool] = True
     metric_names: ClassVar[tuple[str, ...]] = (
-        "loss",
-        "loss_class",
-        "loss_rotation",
-        "loss_rotation_labelled",
-        "loss_rotation_unlabelled",
-        "loss_vat",
-        "entropy",
-        "acc_class",
-        "acc_rotation",
+        *S4LRotationObjective.metric_names[:5], "loss_vat", "entropy",
+        *S4LRotationObjective.metric_names[5:],
     )
-
-    def heads(self) -> dict[str, int]:
-        return {"classes": self.num_classes, "rotation": NUM_ROTATIONS}
 
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> ObjectiveOutput:
         fwd = RotationForward(self, model, batch)
