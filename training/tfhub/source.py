@@ -146,6 +146,10 @@ def _check_folder(module: ModuleFiles, what: str) -> None:
 # ----------------------------------------------------------------------------- archives
 
 
+# What reading a damaged or truncated archive raises, from tar's headers, gzip/bz2/xz or zlib.
+_DAMAGED = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
 def _check_member(archive: Path, m: tarfile.TarInfo, cap: int) -> None:
     """Refuse a member that is not a regular file or declares more than `cap` bytes, before
     anything of it is read."""
@@ -163,13 +167,13 @@ def _copy_member(tar: tarfile.TarFile, archive: Path, m: tarfile.TarInfo, out: I
     left = m.size
     try:
         f = tar.extractfile(m)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    except _DAMAGED as e:
         raise UserError(f"archive {archive} is damaged or truncated at {m.name} ({e})") from None
     with f:
         while left:
             try:
                 chunk = f.read(min(left, 1 << 20))
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            except _DAMAGED as e:
                 raise UserError(f"archive {archive} is damaged or truncated at {m.name} "
                                 f"({e})") from None
             if not chunk:
@@ -201,7 +205,7 @@ def _check_end(tar: tarfile.TarFile, archive: Path, members: list[tarfile.TarInf
     try:
         tar.fileobj.seek(tar.offset)  # a gzip stream rewinds: one more decompression pass
         block = tar.fileobj.read(tarfile.BLOCKSIZE)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    except _DAMAGED as e:
         raise UserError(f"archive {archive} is damaged or truncated ({e})") from None
     if block.strip(b"\0"):
         after = f"after {members[-1].name}" if members else "at its start"
@@ -222,7 +226,7 @@ def _unpack(archive: Path, module: ModuleFiles) -> None:
     with tar:
         try:
             members = tar.getmembers()
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        except _DAMAGED as e:
             raise UserError(f"archive {archive} is damaged or truncated ({e})") from None
         _check_end(tar, archive, members)
         roots = [m.name[: -len(INDEX)] for m in members
