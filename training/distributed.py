@@ -72,8 +72,15 @@ def setup(device: str | None = None) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def teardown(env: DistEnv) -> None:
+def teardown(env: DistEnv, finished: bool = False) -> None:
+    """Destroy the process group. After a run that `finished` on this process, every rank first
+    waits at a barrier, so none destroys its group (closing its gloo connections) while a peer
+    is still between its last collective and its own teardown: PyTorch's shutdown guidance is a
+    collective destroy once communication is over. A rank that failed skips the barrier (its
+    peers may never reach it; torchrun stops them)."""
     if env.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -136,10 +136,13 @@ def train(config: C.TrainConfig, workdir: str | os.PathLike, *, device: str | No
     # ---------------------------------------------------------------- setup
     env = D.setup(device)
     workdir = Path(workdir)
+    finished = False
     try:
-        return _train(config, workdir, env, progress)
+        result = _train(config, workdir, env, progress)
+        finished = True
+        return result
     finally:
-        D.teardown(env)
+        D.teardown(env, finished=finished)
 
 
 def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) -> dict[str, Any]:
