@@ -12,8 +12,8 @@ Run from the repository root with the project venv, e.g.
         runs/table1_passes/sweep/s4l-rotation/lr0.025_wd0.03/seed0/checkpoint.pt \
         ~/.cache/s4l-test-data/cifar10 --split test --every 10
 
-The images go through the checkpoint's own eval crop and scaling, as the trainer's evaluation
-does (CIFAR-10 at 32 px for the studies' models). The data root is an image folder; the studies
+The images go through the trainer's own eval loader with the checkpoint's eval crop (CIFAR-10 at
+32 px for the studies' models); an undecodable image is logged and left out. The data root is an image folder; the studies
 unpack CIFAR-10 (../shared/data/cifar10-jpg.tar.gz) to ~/.cache/s4l-test-data/cifar10.
 """
 
@@ -22,26 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from s4l.datasets import open_source  # noqa: E402
-from s4l.imaging import eval_crop  # noqa: E402
-from s4l.training.checkpoint import load_for_inference  # noqa: E402
-from s4l.training.objectives.losses import rotate_copies  # noqa: E402
-from s4l.training.transforms import to_model_input  # noqa: E402
+from s4l.datasets import open_source
+from s4l.training.checkpoint import load_for_inference
+from s4l.training.data import make_eval_loader
+from s4l.training.objectives.losses import rotate_copies
 
 DEGREES = ("0", "90", "180", "270")
-
-
-def _batches(source, indices, size, preprocess):
-    for start in range(0, len(indices), size):
-        crops = [eval_crop(source.load(i), preprocess) for i in indices[start:start + size]]
-        yield to_model_input(np.stack(crops))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,19 +53,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     source = open_source(args.data, args.split)
     indices = list(range(0, len(source), args.every))
+    loader = make_eval_loader(source, indices, spec=loaded.preprocess, batch_size=args.batch_size)
     confusion = np.zeros((4, 4), dtype=np.int64)
     with torch.inference_mode():
-        for x in _batches(source, indices, args.batch_size, loaded.preprocess):
+        for x, class_labels in loader:  # the trainer's eval path: x [b, 1, 3, crop, crop]
+            x = x.flatten(0, 1)[class_labels >= 0]  # an undecodable image comes as label -1
+            if not len(x):
+                continue
             rotated, labels = rotate_copies(x)
             logits = loaded.model(rotated, heads=("rotation",))["rotation"]
             np.add.at(confusion, (labels.numpy(), logits.argmax(1).numpy()), 1)
+    images = int(confusion.sum()) // 4
+    if not images:
+        print(f"{args.data} ({args.split}): no decodable image among those chosen", file=sys.stderr)
+        return 2
     accuracy = float(np.trace(confusion) / confusion.sum())
     if args.json:
         print(json.dumps({"checkpoint": args.checkpoint, "split": args.split,
-                          "images": len(indices), "rotation_accuracy": accuracy,
+                          "images": images, "rotation_accuracy": accuracy,
                           "confusion": confusion.tolist()}))
         return 0
-    print(f"{args.checkpoint}: {len(indices)} {args.split} images x 4 rotations, "
+    print(f"{args.checkpoint}: {images} {args.split} images x 4 rotations, "
           f"rotation accuracy {100 * accuracy:.1f}%")
     print("true\\pred " + "".join(f"{d:>7}" for d in DEGREES))
     for d, row in zip(DEGREES, confusion):
