@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tarfile
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _report import host, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -181,8 +181,6 @@ def main() -> int:
     if not support.native and "ov-bf16" in names:
         log.warning("ov-bf16 skipped: %s", support.reason)
         names.remove("ov-bf16")
-    cpu_model = next((ln.split(":", 1)[1].strip() for ln in
-                      Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx_vnni")))
     ref = Engine(paths["fp32"], "onnxruntime", "fp32", threads)
     window = args.duration / args.rounds
@@ -243,10 +241,8 @@ def main() -> int:
         results[name] = res
 
     out = {
-        "host": {"cpu_model": cpu_model, "cpus_usable": threads, "machine": platform.machine(),
-                 "bf16_flags_and_related": flags, "bf16": support.__dict__,
-                 "openvino": ov.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-                 "python": platform.python_version(), "loadavg_end": os.getloadavg()},
+        "host": host(cpus_usable=threads, bf16_flags_and_related=flags, bf16=support.__dict__,
+                     openvino=ov.__version__, onnxruntime=__import__("onnxruntime").__version__),
         "model": f"ResNet50v2 width {args.width} (untrained), 224 px, 10-class head",
         "int8_export_agreement_vs_fp32": export_report.get("int8"),
         "duration_s": args.duration, "rounds": args.rounds, "raw_batch": args.raw_batch,
@@ -261,12 +257,9 @@ def main() -> int:
         "int8_faster_backend_ge_3.5x_at_8": None if ort8 is None and ov8 is None
         else max(x for x in (ort8, ov8) if x is not None) >= 3.5,
     }
-    p = Path(args.out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(out, indent=2, default=float) + "\n")
     print(table(out))
     print(json.dumps(out["targets"]))
-    print(f"wrote {p}")
+    write_report(args.out, out)
     return 0
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from _report import host, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,9 +95,8 @@ def main() -> int:
         result[label] = json.loads(out.stdout.strip().splitlines()[-1])
         print(label, {k: round(v, 2) for k, v in result[label]["ratio_vs_ort_fp32"].items()},
               "bf16/fp32", round(result[label]["bf16_over_fp32_ratio"], 2))
-    result["loadavg_end"] = os.getloadavg()
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    result["host"] = host()
+    write_report(args.out, result)
     return 0
 
 

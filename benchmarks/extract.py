@@ -21,16 +21,14 @@ Writes benchmarks/results/extract.json. Not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _report import host, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.extract")
@@ -154,15 +152,10 @@ def main() -> int:
         "n": args.n, "batch_size": args.batch_size,
         "workers": default_workers() if args.workers is None else args.workers,
         "width": args.width, "image_size": spec.crop,
-        "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "python": platform.python_version(),
-        "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": host(),
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -17,8 +17,6 @@ import argparse
 import io
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _report import host, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -127,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [f / o for f, o in zip(four, one)]
     result = {
         "benchmark": "heads", "command": "benchmarks/heads.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+        "host": host(),
         "model": "ResNet50v2 width 1, 224 px, untrained, fp32 onnxruntime CPU",
         "heads": {"count": 4, "classes": args.classes, "dim": hs[0].dim},
         "images_per_request": args.images,
@@ -142,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_report(args.out, result)
     return 0
 
 

@@ -17,14 +17,12 @@ Writes benchmarks/results/probe.json. Not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _report import host, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +49,6 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "probe.json"))
     args = ap.parse_args()
 
-    import torch
 
     from s4l.evaluation import features as F
     from s4l.evaluation.probe import (
@@ -121,14 +118,10 @@ def main() -> int:
         "what": "seconds to reach scikit-learn L-BFGS top-1 minus 1 point, as a ratio of L-BFGS's time",
         "n_train": args.n, "n_val": len(vy), "dim": args.dim, "classes": args.classes,
         "C": args.C, "target_top1": target,
-        "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(), "machine": platform.machine(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": host(),
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -28,8 +28,6 @@ import argparse
 import base64
 import json
 import logging
-import os
-import platform
 import struct
 import sys
 import tempfile
@@ -38,6 +36,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _report import host, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -174,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "what": f"images/s of each protocol's request of {args.images} images over /embed "
                 "multipart on the same images, same server, requests interleaved one by one",
         "command": "benchmarks/protocols.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "loadavg": [round(x, 2) for x in os.getloadavg()],
-                    "python": platform.python_version()},
+        "host": host(),
         "model": model_name,
         "server": {"batching": info["batching"], "threads": info["threads"]},
         "json_layout": args.json_layout,
@@ -191,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_report(args.out, result)
     return 0
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import host, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 HASH = "b" * 64
@@ -148,13 +147,10 @@ def main() -> int:
                       f"numpy matmul {b['matmul_queries_per_s']:8.1f} q/s, ratio {b['ratio']:.2f}",
                       flush=True)
     report = {"benchmark": "search", "rows": args.rows, "dim": args.dim, "top_k": args.top_k,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "affinity": len(os.sched_getaffinity(0)), "numpy": np.__version__},
+              "host": host(numpy=np.__version__),
               "note": "ratio = Gallery.search queries/s / bare numpy q @ M.T queries/s, same run",
               "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

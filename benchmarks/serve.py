@@ -22,7 +22,6 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _report import host, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -343,8 +343,7 @@ def main() -> int:
                      raw_ref["batch"], r["p50_ms"], r["p99_ms"], r["errors"])
         server_log = srv.output()
     del sess
-    result: dict = {"host": {"cpus_usable": threads, "machine": platform.machine(),
-                             "python": platform.python_version(), "loadavg": os.getloadavg()},
+    result: dict = {"host": host(cpus_usable=threads),
                     "model": "ResNet50v2 width 1 (untrained), 224 px, 10-class head",
                     "images": len(blobs), "duration_s_per_level": args.duration, "rounds": args.rounds,
                     "server": {"env": env, "batching": server_info["batching"],
@@ -377,9 +376,6 @@ def main() -> int:
         log.info("int8: %.2f img/s vs fp32 %.2f (%.2fx), %s", rq["images_per_s"], rf["images_per_s"],
                  speed, export_report["int8"])
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print("concurrency  served img/s  raw img/s  ratio  p50 ms  p99 ms")
     for r in served:
         print(f"{r['concurrency']:>11}  {r['images_per_s']:>12.2f}  {r['raw_reference']['images_per_s']:>9.2f}  "
@@ -391,7 +387,7 @@ def main() -> int:
     if args.int8:
         print(f"int8 raw speedup vs fp32: {result['raw_int8']['speedup_vs_fp32']:.2f}x; agreement {export_report['int8']}")
     print(json.dumps(result["targets"]))
-    print(f"wrote {out}")
+    write_report(args.out, result)
     return 0
 
 

@@ -26,15 +26,14 @@ the machine; compare ratios, not absolute values, across machines.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _report import host, write_report
 
 from s4l.training.config import OptimConfig
 from s4l.training.distributed import DistEnv
@@ -207,20 +206,14 @@ def main() -> int:
         log.info("%-55s %.3f", k, v)
     result = {
         "benchmark": "train_throughput",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python", *sys.argv]),
         "settings": {**{k: v for k, v in vars(a).items() if k != "out"}},
-        "machine": {"device": str(dev), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-                    "torch_threads": torch.get_num_threads()},
+        "host": host(device=str(dev),
+                     gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None),
         "runs": runs,
         "ratios": ratios,
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    log.info("wrote %s", out)
+    write_report(a.out, result)
     return 0
 
 
