@@ -78,10 +78,12 @@ def teardown(env: DistEnv, finished: bool = False) -> None:
     is still between its last collective and its own teardown: PyTorch's shutdown guidance is a
     collective destroy once communication is over. A rank that failed skips the barrier (its
     peers may never reach it; torchrun stops them)."""
+    global _BN_GROUP
     if env.enabled and dist.is_initialized():
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+    _BN_GROUP = None  # destroyed with the rest; a later run in this process makes a new one
 
 
 def barrier(env: DistEnv) -> None:
