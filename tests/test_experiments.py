@@ -318,4 +318,25 @@ def test_benchmark_runner_flags_and_ratios():
                    "served_fp32[c=8].ratio_vs_raw": 0.9,
                    "results.sklearn_lbfgs.ratio": 1.0, "results.sgd.ratio": None,
                    "ratios.bf16_speedup": 0.9, "ratios.jpeg_vs_synth": 0.6}
-    assert {p.stem for p in run_all.discover(None)} >= {"extract", "probe", "serve"}
+    found = {p.stem for p in run_all.discover(None)}
+    assert found >= {"extract", "probe", "serve"}
+    assert "_report" not in found  # the scripts' shared helper is not a benchmark
+
+
+def test_benchmark_reports_name_their_machine(tmp_path, capsys):
+    """benchmarks/_report.py: the host block every report carries, and the JSON it writes
+    (numpy scalars included, folders made)."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location(
+        "_report", Path(__file__).resolve().parents[1] / "benchmarks" / "_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    host = report.host(cpus_usable=1, engine="x")
+    assert host["cpus_usable"] == 1 and host["engine"] == "x"  # extra fields override
+    assert host["cpu_model"] and host["python"] and len(host["loadavg"]) == 3
+    out = report.write_report(tmp_path / "a" / "b.json", {"ratio": np.float32(0.5), "host": host})
+    assert json.loads(out.read_text()) == {"ratio": 0.5, "host": host}
+    assert f"wrote {out}" in capsys.readouterr().out
