@@ -6,6 +6,7 @@ what a shared machine gives reliably).
     .venv/bin/python benchmarks/train_step_cpu.py --batch 64 --heads classes --compare threads
     .venv/bin/python benchmarks/train_step_cpu.py --compare allocator   # huge pages, glibc heap
     .venv/bin/python benchmarks/train_step_cpu.py --compare compile     # torch.compile (inductor)
+    .venv/bin/python benchmarks/train_step_cpu.py --compare trainer     # the trainer's own step
 
 The model is the CIFAR-10 studies' ResNet50v2 (width 0.25, 3x3 stride-2 stem, channels_last);
 the default batch, 1,536, is one step of experiments/table1_passes.toml's S4L-Rotation arm
@@ -24,10 +25,16 @@ import time
 
 
 def measure(
-    batch: int, heads: list[str], bf16: bool, steps: int, compiled: bool = False
+    batch: int, heads: list[str], bf16: bool, steps: int, compiled: bool = False,
+    trainer: bool = False,
 ) -> tuple[float, float]:
     """Images/s over `steps` SGD steps (after warm-up steps, which include compilation when
-    `compiled`), and minor page faults per step (the child also reports its peak resident memory)."""
+    `compiled`), and minor page faults per step (the child also reports its peak resident memory).
+
+    `trainer`: the step is the trainer's own (`train_step` with the S4L-Rotation objective on a
+    batch of batch/24 labelled and 5x as many unlabelled images, rotated on the fly, as the study
+    feeds it), instead of one ready-made tensor through the model: the difference is what the
+    trainer adds around the model."""
     import torch
     import torch.nn.functional as F
 
@@ -41,6 +48,15 @@ def measure(
     x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
     ys = {h: torch.randint(0, sizes[h], (batch,)) for h in heads}
     forward = torch.compile(model) if compiled else model
+    if trainer:
+        step = _trainer_step(model, opt, batch)
+        step()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rate = batch * steps / (time.perf_counter() - t)
+        return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -60,8 +76,31 @@ def measure(
     return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
 
+def _trainer_step(model, opt, batch: int):
+    import contextlib
+
+    import torch
+
+    from s4l.training.distributed import DistEnv
+    from s4l.training.objectives import build_objective
+    from s4l.training.trainer import train_step
+
+    source = batch // 4  # 4 rotations of every image
+    n_l = source // 6  # labelled : unlabelled = 1 : 5 (optim.unsup_batch_mult = 5)
+    shard = {
+        "labelled": torch.randn(n_l, 1, 3, 32, 32),
+        "labels": torch.randint(0, 10, (n_l,)),
+        "unlabelled": torch.randn(source - n_l, 1, 3, 32, 32),
+    }
+    objective = build_objective("s4l-rotation", None, 10)
+    env = DistEnv()
+    return lambda: train_step(model, objective, opt, [shard], env.device,
+                              contextlib.nullcontext(), None, env)
+
+
 def child(args) -> None:
-    rate, faults = measure(args.batch, args.heads, args.bf16, args.steps, args.compiled)
+    rate, faults = measure(args.batch, args.heads, args.bf16, args.steps, args.compiled,
+                           args.trainer)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"img_s": rate, "faults_per_step": faults, "peak_rss_mib": peak_mib}))
 
@@ -80,7 +119,8 @@ ALLOCATORS = {
 
 
 def run_variant(
-    args, bf16: bool, threads: int, extra_env: dict | None = None, compiled: bool = False
+    args, bf16: bool, threads: int, extra_env: dict | None = None, compiled: bool = False,
+    trainer: bool = False,
 ) -> tuple[float, float, float]:
     """One window in a fresh process (OpenMP's thread count is fixed at start-up)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(extra_env or {})}
@@ -94,7 +134,8 @@ def run_variant(
         str(args.steps),
         "--heads",
         *args.heads,
-    ] + (["--bf16"] if bf16 else []) + (["--compiled"] if compiled else [])
+    ] + (["--bf16"] if bf16 else []) + (["--compiled"] if compiled else []) + (
+        ["--trainer"] if trainer else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     return result["img_s"], result["faults_per_step"], result["peak_rss_mib"]
@@ -108,7 +149,7 @@ def main() -> None:
     )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--compare", choices=["precision", "threads", "allocator", "compile"], default="precision")
+    p.add_argument("--compare", choices=["precision", "threads", "allocator", "compile", "trainer"], default="precision")
     p.add_argument(
         "--threads",
         type=int,
@@ -118,16 +159,21 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
-    compiled = {}
+    compiled, trainer = {}, {}
     if args.compare == "precision":
         variants = {"fp32": (False, args.threads, {}), "bf16": (True, args.threads, {})}
     elif args.compare == "compile":  # both with the allocator settings training uses
         keep = ALLOCATORS["thp+glibc"]
         variants = {"eager": (False, args.threads, keep), "compiled": (False, args.threads, keep)}
         compiled = {"compiled": True}
+    elif args.compare == "trainer":  # both with the allocator settings training uses
+        keep = ALLOCATORS["thp+glibc"]
+        variants = {"bare step": (False, args.threads, keep), "trainer": (False, args.threads, keep)}
+        trainer = {"trainer": True}
     elif args.compare == "allocator":
         variants = {name: (False, args.threads, env) for name, env in ALLOCATORS.items()}
     else:
@@ -138,7 +184,7 @@ def main() -> None:
     for _ in range(args.rounds):  # alternating windows
         for name, (bf16, threads, env) in variants.items():
             rate, per_step, peak_mib = run_variant(
-                args, bf16, threads, env, compiled.get(name, False)
+                args, bf16, threads, env, compiled.get(name, False), trainer.get(name, False)
             )
             rates[name].append(rate)
             faults[name].append(per_step)
