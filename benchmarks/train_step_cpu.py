@@ -48,17 +48,8 @@ def measure(
     x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
     ys = {h: torch.randint(0, sizes[h], (batch,)) for h in heads}
     forward = torch.compile(model) if compiled else model
-    if trainer:
-        step = _trainer_step(model, opt, batch)
-        step()
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        rate = batch * steps / (time.perf_counter() - t)
-        return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
-    def step():
+    def bare_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = forward(x, heads=tuple(heads))
             loss = sum(F.cross_entropy(out[h].float(), ys[h]) for h in heads)
@@ -66,6 +57,7 @@ def measure(
         loss.backward()
         opt.step()
 
+    step = _trainer_step(model, opt, batch) if trainer else bare_step
     for _ in range(2 if compiled else 1):
         step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
