@@ -143,16 +143,12 @@ def main() -> int:
 
     import serve as bserve  # benchmarks/serve.py: the model builder and the closed-loop clients
 
-    from s4l.imaging import PreprocessSpec, decode_image, eval_crop
     from s4l.service.backend import available_cpus
     from s4l.service.backend_openvino import bf16_support, cpu_flags
 
     t_start = time.perf_counter()
     data = imagenette()
-    files = sorted((data / "val").rglob("*.JPEG"))
-    files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[: args.images]]
-    blobs = [f.read_bytes() for f in files]
-    crops = np.stack([eval_crop(decode_image(b), PreprocessSpec()) for b in blobs])
+    blobs, crops = bserve.sample_images(data, args.images)
     threads = available_cpus()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="s4l-bench-backends-"))
     workdir.mkdir(parents=True, exist_ok=True)

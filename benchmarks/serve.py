@@ -46,6 +46,17 @@ def imagenette() -> Path:
         raise SystemExit(f"{e}: this benchmark needs ../shared/data") from None
 
 
+def sample_images(data: Path, n: int) -> tuple[list[bytes], np.ndarray]:
+    """``n`` Imagenette validation JPEGs, the same ones every run (seed 0): their bytes, and
+    their 224-px eval crops as one uint8 array."""
+    from s4l.imaging import PreprocessSpec, decode_image, eval_crop
+
+    files = sorted((data / "val").rglob("*.JPEG"))
+    files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[:n]]
+    blobs = [f.read_bytes() for f in files]
+    return blobs, np.stack([eval_crop(decode_image(b), PreprocessSpec()) for b in blobs])
+
+
 def build_model(workdir: Path, calib_root: Path | None, n_calib: int, n_heldout: int,
                 reuse: bool) -> tuple[Path, dict]:
     import torch
@@ -276,14 +287,10 @@ def main() -> int:
 
     from support.server import ServerProcess
 
-    from s4l.imaging import PreprocessSpec, decode_image, eval_crop
     from s4l.service.backend import available_cpus
 
     data = imagenette()
-    files = sorted((data / "val").rglob("*.JPEG"))
-    files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[: args.images]]
-    blobs = [f.read_bytes() for f in files]
-    crops = np.stack([eval_crop(decode_image(b), PreprocessSpec()) for b in blobs])
+    blobs, crops = sample_images(data, args.images)
     threads = available_cpus()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="s4l-bench-"))
