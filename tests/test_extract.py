@@ -16,6 +16,7 @@ import pytest
 import torch
 from support.images import make_image_folder
 from support.net import free_port
+from support.server import make_checkpoint as support_checkpoint
 
 from s4l.cli import main as cli_main
 from s4l.errors import UserError
@@ -23,31 +24,15 @@ from s4l.evaluation import features as F
 from s4l.evaluation.extract import ExtractConfig, extract, parts_dir
 from s4l.imaging import PreprocessSpec, decode_image, eval_crop
 from s4l.provenance import file_sha256
-from s4l.training.checkpoint import load_for_inference, save_checkpoint
-from s4l.training.model import ModelSpec, build_model
+from s4l.training.checkpoint import load_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = PreprocessSpec(resize=36, crop=32)
 
 
 def make_checkpoint(path: Path, classes=3, seed=0, width=0.0625) -> Path:
-    """A tiny random model saved in the contract's checkpoint format (as the trainer writes)."""
-    torch.manual_seed(seed)
-    spec = ModelSpec(width=width, stem="small", heads={"classes": classes})
-    model = build_model(spec)
-    # Non-trivial BN statistics, so eval-mode inference differs from train mode.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    save_checkpoint(path, {
-        "model_spec": spec.to_dict(), "model": model.state_dict(), "ema": None,
-        "config": {"test": True}, "config_hash": "test", "class_names": None,
-        "preprocess": SPEC.to_dict(), "step": 0, "epoch": 0, "optimizer": None, "rng": None,
-        "data_state": None, "provenance": {"created_at": "test"},
-    })
-    return path
+    """A tiny random model saved in the contract's checkpoint format, preprocessing SPEC."""
+    return support_checkpoint(path, classes=classes, seed=seed, width=width, preprocess=SPEC)
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,11 @@ CLASSES = ("apple", "banana", "cherry")
 
 
 def make_checkpoint(path: Path, *, classes=CLASSES, crop: int = 32, seed: int = 0,
-                    with_ema: bool = False) -> Path:
-    """A tiny real checkpoint (width 0.0625, small stem) in the contract format."""
+                    with_ema: bool = False, width: float = 0.0625, preprocess=None) -> Path:
+    """A tiny real checkpoint (small stem) in the contract format, as the trainer writes it.
+
+    ``classes``: class names (a head of that size, names saved), a count (a head, no names) or
+    empty (no head); ``preprocess``: a PreprocessSpec, by default the one for ``crop``."""
     import torch
 
     from s4l.imaging import PreprocessSpec
@@ -31,8 +34,9 @@ def make_checkpoint(path: Path, *, classes=CLASSES, crop: int = 32, seed: int = 
     from s4l.training.model import ModelSpec, build_model
 
     torch.manual_seed(seed)
-    heads = {"classes": len(classes)} if classes else {}
-    spec = ModelSpec(width=0.0625, stem="small", heads=heads)
+    n_classes = classes if isinstance(classes, int) else len(classes or ())
+    names = None if isinstance(classes, int) or not classes else list(classes)
+    spec = ModelSpec(width=width, stem="small", heads={"classes": n_classes} if n_classes else {})
     model = build_model(spec)
     # Non-trivial BN statistics, so eval-mode normalisation is exercised by the parity checks.
     with torch.no_grad():
@@ -48,8 +52,8 @@ def make_checkpoint(path: Path, *, classes=CLASSES, crop: int = 32, seed: int = 
     config = {"test": True, "crop": crop}
     save_checkpoint(path, {
         "model_spec": spec.to_dict(), "model": model.state_dict(), "ema": ema, "config": config,
-        "config_hash": config_hash(config), "class_names": list(classes) if classes else None,
-        "preprocess": PreprocessSpec.for_image_size(crop).to_dict(), "step": 0, "epoch": 0,
+        "config_hash": config_hash(config), "class_names": names,
+        "preprocess": (preprocess or PreprocessSpec.for_image_size(crop)).to_dict(), "step": 0, "epoch": 0,
         "optimizer": None, "rng": None, "data_state": None,
         "provenance": {"git_sha": "test", "versions": {}, "created_at": "test"}})
     return path
