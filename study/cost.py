@@ -82,6 +82,12 @@ def print_plan(planner: Planner, plan: list[Run], analyses: dict[str, Any],
         if sel.get("pending"):
             print(f"{m}: selection pending (its sweep is unfinished); later runs are planned "
                   "with the first grid point")
+            method = planner.study.method(m)
+            refine = [Planner.tag(dict(p)) for p in method.refine]
+            if refine and not any(r.method == m and r.role == "sweep" and r.hyper not in
+                                  planner.grid(method) for r in plan):
+                print(f"{m}: then refine points not listed above (nor costed): its selection "
+                      f"over the points above with {' / '.join(refine)}")
         elif sel.get("run"):
             print(f"{m}: selected {Planner.tag(sel['hyper'])} (held-out top-1 "
                   f"{sel['heldout_top1']:.2f})")

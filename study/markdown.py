@@ -198,14 +198,19 @@ def header_section(doc: dict[str, Any], study: Study) -> list[str]:
     if doc["sweep"]:
         own = doc.get("method_grids") or {}
         extra = doc.get("method_extra_points") or {}
-        same = not own and not extra
+        same = not own and not extra and not doc.get("method_refine_points")
         out.append(f"- sweep (seed 0, {'each method the same grid' if same else 'the grid'}): "
                    + " x ".join(f"`{k}` in {v}" for k, v in doc["sweep"].items())
                    + "".join(f"; {m}: " + ", ".join(f"`{k}` in {v} only" for k, v in g.items())
                              for m, g in own.items())
                    + "".join(f"; {m} also at " + " and ".join(
                        "(" + ", ".join(f"`{k}={v}`" for k, v in p.items()) + ")" for p in pts)
-                             for m, pts in extra.items()))
+                             for m, pts in extra.items())
+                   + "".join(f"; then {m}'s selected point with " + " and with ".join(
+                       ", ".join(f"`{k}={v}`" for k, v in p.items()) for p in pts)
+                             + " (refine: run once the points before have finished, the "
+                             "selection made again over all)"
+                             for m, pts in (doc.get("method_refine_points") or {}).items()))
     staged = any(r.get("earlier_stages") for r in doc["summary"])
     if staged:
         stage = doc.get("stage_schedule") or doc["schedule"]

@@ -251,20 +251,47 @@ class Planner:
             return rec
         return None
 
-    def select(self, m: Method) -> dict[str, Any] | None:
-        """The method's selected hyper-parameters, or None while its sweep is unfinished."""
-        if not self.study.sweep or not m.sweep:
-            return {"hyper": {}, "selected_on": "none: the preset's hyper-parameters",
-                    "run": None}
+    def refined(self, m: Method, best: dict[str, Any]) -> list[dict[str, Any]]:
+        """`m`'s refine points: `best` (its selection over grid + extra) with each refine table's
+        values, in the sweep's key order; a point already swept is not repeated."""
+        keys = [k for k, _ in self.study.sweep]
+        done, out = self.grid(m), []
+        for change in m.refine:
+            point = {k: {**best, **dict(change)}[k] for k in keys}
+            if point not in done and point not in out:
+                out.append(point)
+        return out
+
+    def _candidates(self, m: Method, points: list[dict[str, Any]]):
+        """[(held-out top-1, hyper, run id)] over `points`, or None while any is unfinished."""
         cands = []
-        for hyper in self.grid(m):
+        for hyper in points:
             run = self.runs[f"sweep/{m.key}/{self.tag(hyper)}/seed0"]
             rec = self.result(run)
             if rec is None or rec.get("heldout_top1") is None:
                 return None
             cands.append((rec["heldout_top1"], hyper, run.id))
-        best = max(cands, key=lambda c: (c[0], *(-v if isinstance(v, int | float) else 0
+        return cands
+
+    @staticmethod
+    def _best(cands):
+        # Ties go to the smaller values (the cheaper, less regularised point).
+        return max(cands, key=lambda c: (c[0], *(-v if isinstance(v, int | float) else 0
                                                  for v in c[1].values())))
+
+    def select(self, m: Method) -> dict[str, Any] | None:
+        """The method's selected hyper-parameters, or None while its sweep is unfinished (its
+        refine points, when it has some, included)."""
+        if not self.study.sweep or not m.sweep:
+            return {"hyper": {}, "selected_on": "none: the preset's hyper-parameters",
+                    "run": None}
+        cands = self._candidates(m, self.grid(m))
+        if cands is not None and m.refine:
+            more = self._candidates(m, self.refined(m, self._best(cands)[1]))
+            cands = None if more is None else cands + more
+        if cands is None:
+            return None
+        best = self._best(cands)
         return {"hyper": best[1], "run": best[2], "heldout_top1": best[0],
                 "selected_on": self.selected_on(),
                 "candidates": [{"hyper": h, "heldout_top1": a, "run": r} for a, h, r in cands]}
@@ -281,10 +308,14 @@ class Planner:
                 if m.teacher:
                     raise UserError(f"study {s.name}: method {m.key!r} has a teacher: it cannot "
                                     "be swept (sweep = false)")
-                for hyper in self.grid(m):
-                    pairs, deps, kw, _ = self._inputs(m, 0)  # a stage only: no teacher + sweep
-                    self.add(f"sweep/{m.key}/{self.tag(hyper)}/seed0", m, "sweep", 0,
-                             [*m.set, *hyper.items(), *pairs], hyper, deps=deps, **kw)
+                points = self.grid(m)
+                for hyper in points:
+                    self._sweep_run(m, hyper)
+                # Refine points exist once grid + extra have all finished: they start from that
+                # selection (until then the plan cannot name them).
+                cands = self._candidates(m, points) if m.refine else None
+                for hyper in self.refined(m, self._best(cands)[1]) if cands else ():
+                    self._sweep_run(m, hyper)
         for m in s.methods:
             sel = self.select(m)
             self.selection[m.key] = sel or {"hyper": self.grid(m)[0], "pending": True}
@@ -325,6 +356,11 @@ class Planner:
                          pending=src.get("pending", False) or waits or
                          self.selection[d.method].get("pending", False), deps=deps, **kw)
         return list(self.runs.values())
+
+    def _sweep_run(self, m: Method, hyper: dict[str, Any]) -> Run:
+        pairs, deps, kw, _ = self._inputs(m, 0)  # a stage only: no teacher + sweep
+        return self.add(f"sweep/{m.key}/{self.tag(hyper)}/seed0", m, "sweep", 0,
+                        [*m.set, *hyper.items(), *pairs], hyper, deps=deps, **kw)
 
     def final_id(self, m: Method, seed: int) -> str:
         """The id of `m`'s selected config at `seed`: seed 0 is the selected sweep run (when

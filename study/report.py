@@ -146,6 +146,8 @@ def write_report(study: Study, planner: Planner, ledger: dict[str, dict], analys
         "method_grids": {m.key: {k: list(v) for k, v in m.grid} for m in study.methods if m.grid},
         "method_extra_points": {m.key: [dict(p) for p in m.extra]
                                 for m in study.methods if m.extra},
+        "method_refine_points": {m.key: [dict(p) for p in m.refine]
+                                 for m in study.methods if m.refine},
         "selection": {k: v for k, v in planner.selection.items()},
         "summary": (rows := summary(planner, ledger)), "convergence": conv,
         "analyses": analyses, "diagnosis": diagnosis, "runs": runs + kept,

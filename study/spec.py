@@ -47,6 +47,7 @@ class MethodEntry:
     set: dict[str, Any] | None = None
     grid: dict[str, Any] | None = None
     extra: Any = None  # checked by _extra_points (a list of whole sweep points)
+    refine: Any = None  # checked by _extra_points too (partial points, after the selection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,8 @@ class Method:
     grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # this method's values of some of the
                                    # study's sweep keys (the others: the study's lists)
     extra: tuple[tuple[tuple[str, Any], ...], ...] = ()  # whole points swept after the grid's
+    refine: tuple[tuple[tuple[str, Any], ...], ...] = ()  # once grid + extra have finished: the
+                                   # selected point with these values changed, then re-selected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,20 +189,23 @@ def _pairs(d: Any, where: str) -> tuple[tuple[str, Any], ...]:
                  for k, v in d.items())
 
 
-def _extra_points(points: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
+def _extra_points(points: Any, where: str,
+                  field: str = "extra") -> tuple[tuple[tuple[str, Any], ...], ...]:
     """`extra = [{"optim.lr" = 0.05, "optim.weight_decay" = 0.01}, ...]`: whole sweep points a
-    method runs beside its grid (e.g. another method's selection), each a number per key."""
+    method runs beside its grid (e.g. another method's selection), each a number per key; the
+    same shape for `refine` (there a table may give some of the keys)."""
     if points is None:
         return ()
     if not isinstance(points, list) or not points:
-        raise UserError(f"{where}: extra must be a non-empty list of tables, got {points!r}")
+        raise UserError(f"{where}: {field} must be a non-empty list of tables, got {points!r}")
     out = []
     for point in points:
         if not isinstance(point, dict) or not point:
-            raise UserError(f"{where}: each extra point is a table of sweep values, got {point!r}")
+            raise UserError(f"{where}: each {field} point is a table of sweep values, got "
+                            f"{point!r}")
         for k, v in point.items():
             if isinstance(v, bool) or not isinstance(v, int | float):
-                raise UserError(f"{where}: extra point {point!r}: {k} must be a number")
+                raise UserError(f"{where}: {field} point {point!r}: {k} must be a number")
         out.append(tuple(point.items()))
     return tuple(out)
 
@@ -238,7 +244,8 @@ def load_study(path: str | os.PathLike) -> Study:
             key=m.key, preset=m.preset, seeds=m.seeds, label=m.label or m.key,
             pretrain=m.pretrain, teacher=m.teacher, sweep=m.sweep,
             set=_pairs(m.set, f"method {m.key}.set"), grid=_pairs(m.grid, f"method {m.key}.grid"),
-            extra=_extra_points(m.extra, f"{path}: method {m.key!r}")))
+            extra=_extra_points(m.extra, f"{path}: method {m.key!r}"),
+            refine=_extra_points(m.refine, f"{path}: method {m.key!r}", "refine")))
     keys = [m.key for m in methods]
     if len(set(keys)) != len(keys):
         raise UserError(f"{path}: method keys repeat: {keys}")
@@ -274,6 +281,12 @@ def load_study(path: str | os.PathLike) -> Study:
                 raise UserError(f"{path}: method {m.key!r}: each extra point gives every sweep "
                                 f"key, {[k for k, _ in sweep]}, and no other; got "
                                 f"{[k for k, _ in point]}")
+        for point in m.refine:
+            if not {k for k, _ in point} <= {k for k, _ in sweep}:
+                raise UserError(f"{path}: method {m.key!r}: refine points change sweep keys "
+                                f"only ({[k for k, _ in sweep]}); got {[k for k, _ in point]}")
+        if m.refine and not m.sweep:
+            raise UserError(f"{path}: method {m.key!r}: refine needs a sweep (sweep = false)")
     diags = []
     for i, table in enumerate(f.diagnosis):
         name = table.get("key", f"#{i + 1}") if isinstance(table, dict) else f"#{i + 1}"

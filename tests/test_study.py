@@ -371,6 +371,9 @@ def test_a_changed_config_does_not_pass_old_runs_off_as_its_own(tiny, tmp_path, 
     ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[sweep]\n"optim.lr" = [0.1]\n'
      '[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n'
      'extra = [{ "optim.lr" = "fast" }]\n', "must be a number"),
+    ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[sweep]\n"optim.lr" = [0.1]\n'
+     '[[method]]\nkey="a"\npreset="cifar10-supervised-10pct"\n'
+     'refine = [{ "optim.weight_decay" = 0.01 }]\n', "refine points change sweep keys only"),
     # Read with the training config's typed machinery: a wrong type is one line naming the key.
     ('name = "x"\ndata = "builtin:digits"\nschedule = {images = 3}\n[[method]]\nkey="a"\n'
      'preset="cifar10-supervised-10pct"\nseeds = "two"\n', "seeds: expected an integer"),
@@ -625,6 +628,62 @@ extra = [{{ "optim.weight_decay" = 0.01, "optim.lr" = 0.05 }},
     assert planner.selection["s4l-rotation"] == {"hyper": {"optim.lr": 0.05,
                                                            "optim.weight_decay": 0.03},
                                                  "pending": True}
+
+
+def test_refine_points_follow_the_selection_and_the_selection_is_made_again(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=12, size=32)
+    path = tmp_path / "r.toml"
+    path.write_text(f"""
+name = "r"
+data = "{data}"
+labels_per_class = 4
+heldout_per_class = 1
+schedule = {{ labelled_epochs = 1 }}
+[sweep]
+"optim.lr" = [0.05, 0.025]
+"optim.weight_decay" = [0.01]
+[[method]]
+key = "supervised"
+preset = "cifar10-supervised-10pct"
+seeds = 2
+# the selected point's decay below the grid; one equal to a grid point is not run twice
+refine = [{{ "optim.weight_decay" = 0.003 }}, {{ "optim.lr" = 0.05 }}]
+""")
+    study = S.load_study(path)
+
+    def plan(heldout: dict[str, float]):
+        """The plan with the runs in `heldout` (tag -> held-out top-1) finished."""
+        ledger: dict = {}
+        for _ in range(2):  # a refine run exists only once the points before it are finished
+            planner = S.Planner(study, str(data), tmp_path / "w", ledger, smoke=True)
+            planner.build()
+            for tag, top1 in heldout.items():
+                run = planner.runs.get(f"sweep/supervised/{tag}/seed0")
+                if run is not None:
+                    ledger[run.id] = {"hash": run.hash, "deps": {}, "heldout_top1": top1}
+        planner = S.Planner(study, str(data), tmp_path / "w", ledger, smoke=True)
+        return planner, [r.id for r in planner.build() if r.role == "sweep"]
+
+    base = ["sweep/supervised/lr0.05_wd0.01/seed0", "sweep/supervised/lr0.025_wd0.01/seed0"]
+    planner, sweep = plan({"lr0.05_wd0.01": 40.0})
+    assert sweep == base and planner.selection["supervised"]["pending"]
+    # grid finished, lr 0.025 best: its decay refined; the selection waits for that run
+    planner, sweep = plan({"lr0.05_wd0.01": 40.0, "lr0.025_wd0.01": 45.0})
+    assert sweep == base + ["sweep/supervised/lr0.025_wd0.003/seed0"]
+    refine = planner.runs["sweep/supervised/lr0.025_wd0.003/seed0"]
+    assert refine.config.optim.weight_decay == 0.003 and refine.config.optim.lr == 0.025
+    assert planner.selection["supervised"]["pending"]
+    assert planner.runs["final/supervised/seed1"].pending
+    # the refine point wins: it is the selection, and seed 0 of the final runs
+    planner, _ = plan({"lr0.05_wd0.01": 40.0, "lr0.025_wd0.01": 45.0, "lr0.025_wd0.003": 47.0})
+    sel = planner.selection["supervised"]
+    assert sel["hyper"] == {"optim.lr": 0.025, "optim.weight_decay": 0.003}
+    assert sel["run"] == "sweep/supervised/lr0.025_wd0.003/seed0" and len(sel["candidates"]) == 3
+    final = planner.runs["final/supervised/seed1"]
+    assert not final.pending and final.config.optim.weight_decay == 0.003
+    # ... and when it loses, the grid's point stays selected
+    planner, _ = plan({"lr0.05_wd0.01": 40.0, "lr0.025_wd0.01": 45.0, "lr0.025_wd0.003": 44.0})
+    assert planner.selection["supervised"]["run"] == "sweep/supervised/lr0.025_wd0.01/seed0"
 
 
 def test_the_passes_study_plans_twenty_unlabelled_passes_for_s4l_rotation():
