@@ -125,7 +125,10 @@ def _plot_sweep(ax, doc: dict[str, Any], rows: list[dict[str, Any]],
                     ax.scatter([float(r["hyper"][xkey])], [r["heldout_top1"]], s=160,
                                facecolors="none", edgecolors="k", linewidths=1.5, zorder=4)
     if log:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the grid's own values label the axis
     ax.set_xticks(xs, [f"{v:g}" for v in xs])
     ax.set_xlabel(xkey)
     ax.set_ylabel("held-out top-1 (%), lines; test top-1, crosses")
