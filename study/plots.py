@@ -89,10 +89,12 @@ def plot_curves(doc: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         if not runs:
             ax.text(0.5, 0.5, "no curves yet", transform=ax.transAxes, ha="center", color="0.4")
-    if runs:
-        axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    if runs:  # one legend for all panels, below them: inside a panel it hid the curves
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8,
+                   ncol=min(4, max(1, len(labels))), frameon=False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
