@@ -66,12 +66,31 @@ def plan_cost(planner: Planner, plan: list[Run], given_rate: float | None = None
             total += sec
             left += 0 if done else sec
         rows.append((r, sec, status))
+    later = sum(unplanned_refine(planner, plan, rows).values())
+    total, left = total + later, left + later
     return rows, total, left, rate
+
+
+def unplanned_refine(planner: Planner, plan: list[Run], rows) -> dict[str, float]:
+    """{method: estimated seconds} of the refine points a method will run once its sweep has
+    finished (not in the plan yet: they start from its selection), each costed as one of its
+    sweep runs (a refine point that lands on a swept point is not run: an upper bound)."""
+    out = {}
+    for m in planner.study.methods:
+        if not m.refine or not planner.selection.get(m.key, {}).get("pending"):
+            continue
+        grid = planner.grid(m)
+        sweep = [sec for r, sec, _ in rows if r.method == m.key and r.role == "sweep"]
+        if sweep and not any(r.method == m.key and r.role == "sweep" and r.hyper not in grid
+                             for r in plan):
+            out[m.key] = len(m.refine) * sweep[0]
+    return out
 
 
 def print_plan(planner: Planner, plan: list[Run], analyses: dict[str, Any],
                given_rate: float | None = None) -> None:
     rows, total, left, rate = plan_cost(planner, plan, given_rate)
+    later = unplanned_refine(planner, plan, rows)
     print(f"study {planner.study.name}: {planner.counts['labelled']} labelled, "
           f"{planner.counts['train']} training, {planner.counts['heldout']} held-out images")
     print(f"{'run':<52} {'steps':>6} {'img/step':>8} {'images':>11} {'est.':>8}  status")
@@ -82,12 +101,11 @@ def print_plan(planner: Planner, plan: list[Run], analyses: dict[str, Any],
         if sel.get("pending"):
             print(f"{m}: selection pending (its sweep is unfinished); later runs are planned "
                   "with the first grid point")
-            method = planner.study.method(m)
-            refine = [Planner.tag(dict(p)) for p in method.refine]
-            if refine and not any(r.method == m and r.role == "sweep" and r.hyper not in
-                                  planner.grid(method) for r in plan):
-                print(f"{m}: then refine points not listed above (nor costed): its selection "
-                      f"over the points above with {' / '.join(refine)}")
+            if m in later:
+                refine = [Planner.tag(dict(p)) for p in planner.study.method(m).refine]
+                print(f"{m}: then its refine points, not listed above: its selection over the "
+                      f"points above with {' / '.join(refine)} (about {later[m] / 60:.0f} min, "
+                      "in the totals below)")
         elif sel.get("run"):
             print(f"{m}: selected {Planner.tag(sel['hyper'])} (held-out top-1 "
                   f"{sel['heldout_top1']:.2f})")

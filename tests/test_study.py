@@ -667,6 +667,11 @@ refine = [{{ "optim.weight_decay" = 0.003 }}, {{ "optim.lr" = 0.05 }}]
     base = ["sweep/supervised/lr0.05_wd0.01/seed0", "sweep/supervised/lr0.025_wd0.01/seed0"]
     planner, sweep = plan({"lr0.05_wd0.01": 40.0})
     assert sweep == base and planner.selection["supervised"]["pending"]
+    # the refine points, not planned yet, still count in the cost: one sweep run per table (an
+    # upper bound: the second may land on a swept point)
+    rows, total, _, _ = S.plan_cost(planner, list(planner.runs.values()))
+    one = next(sec for r, sec, _ in rows if r.role == "sweep")
+    assert total == pytest.approx(sum(sec for r, sec, _ in rows if not r.alias_of) + 2 * one)
     # grid finished, lr 0.025 best: its decay refined; the selection waits for that run
     planner, sweep = plan({"lr0.05_wd0.01": 40.0, "lr0.025_wd0.01": 45.0})
     assert sweep == base + ["sweep/supervised/lr0.025_wd0.003/seed0"]
@@ -674,6 +679,9 @@ refine = [{{ "optim.weight_decay" = 0.003 }}, {{ "optim.lr" = 0.05 }}]
     assert refine.config.optim.weight_decay == 0.003 and refine.config.optim.lr == 0.025
     assert planner.selection["supervised"]["pending"]
     assert planner.runs["final/supervised/seed1"].pending
+    rows, total, _, _ = S.plan_cost(planner, list(planner.runs.values()))
+    # planned now: counted once
+    assert total == pytest.approx(sum(sec for r, sec, _ in rows if not r.alias_of))
     # the refine point wins: it is the selection, and seed 0 of the final runs
     planner, _ = plan({"lr0.05_wd0.01": 40.0, "lr0.025_wd0.01": 45.0, "lr0.025_wd0.003": 47.0})
     sel = planner.selection["supervised"]
