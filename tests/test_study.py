@@ -592,15 +592,18 @@ def test_an_unreadable_earlier_report_is_said_on_the_page_and_loses_nothing(curv
         assert f"The earlier report `{earlier}` could not be read" in md
 
 
-def test_a_method_grid_narrows_its_own_sweep_only(tmp_path):
+def sweep_study(tmp_path: Path, rest: str):
+    """A one-epoch study on a tiny image folder: the header, then `rest` (sweep and methods);
+    (the study, its data folder)."""
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=12, size=32)
-    path = tmp_path / "g.toml"
-    path.write_text(f"""
-name = "g"
-data = "{data}"
-labels_per_class = 4
-heldout_per_class = 1
-schedule = {{ labelled_epochs = 1 }}
+    path = tmp_path / "s.toml"
+    path.write_text(f'name = "s"\ndata = "{data}"\nlabels_per_class = 4\n'
+                    f'heldout_per_class = 1\nschedule = {{ labelled_epochs = 1 }}\n{rest}')
+    return S.load_study(path), data
+
+
+def test_a_method_grid_narrows_its_own_sweep_only(tmp_path):
+    study, data = sweep_study(tmp_path, """
 [sweep]
 "optim.lr" = [0.05, 0.025]
 "optim.weight_decay" = [0.03, 0.01]
@@ -610,12 +613,11 @@ preset = "cifar10-supervised-10pct"
 [[method]]
 key = "s4l-rotation"
 preset = "cifar10-s4l-rotation-10pct"
-grid = {{ "optim.weight_decay" = [0.03] }}
+grid = { "optim.weight_decay" = [0.03] }
 # a whole point after the grid's, keys in any order; one already in the grid is not repeated
-extra = [{{ "optim.weight_decay" = 0.01, "optim.lr" = 0.05 }},
-         {{ "optim.lr" = 0.025, "optim.weight_decay" = 0.03 }}]
+extra = [{ "optim.weight_decay" = 0.01, "optim.lr" = 0.05 },
+         { "optim.lr" = 0.025, "optim.weight_decay" = 0.03 }]
 """)
-    study = S.load_study(path)
     planner = S.Planner(study, str(data), tmp_path / "w", {}, smoke=True)
     sweep = [r.id for r in planner.build() if r.role == "sweep"]
     assert sweep == [f"sweep/supervised/{t}/seed0" for t in
@@ -631,14 +633,7 @@ extra = [{{ "optim.weight_decay" = 0.01, "optim.lr" = 0.05 }},
 
 
 def test_refine_points_follow_the_selection_and_the_selection_is_made_again(tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=12, size=32)
-    path = tmp_path / "r.toml"
-    path.write_text(f"""
-name = "r"
-data = "{data}"
-labels_per_class = 4
-heldout_per_class = 1
-schedule = {{ labelled_epochs = 1 }}
+    study, data = sweep_study(tmp_path, """
 [sweep]
 "optim.lr" = [0.05, 0.025]
 "optim.weight_decay" = [0.01]
@@ -647,9 +642,8 @@ key = "supervised"
 preset = "cifar10-supervised-10pct"
 seeds = 2
 # the selected point's decay below the grid; one equal to a grid point is not run twice
-refine = [{{ "optim.weight_decay" = 0.003 }}, {{ "optim.lr" = 0.05 }}]
+refine = [{ "optim.weight_decay" = 0.003 }, { "optim.lr" = 0.05 }]
 """)
-    study = S.load_study(path)
 
     def plan(heldout: dict[str, float]):
         """The plan with the runs in `heldout` (tag -> held-out top-1) finished."""
