@@ -60,18 +60,22 @@ def _probe(**env: str) -> dict:
 
 
 def test_settings_take_effect_and_cut_page_faults_of_a_training_step():
-    tuned = _probe()
-    default = _probe(S4L_CPU_ALLOC="default")
-    assert tuned["applied"] == {"huge_pages": True, "glibc_heap": True}
-    assert tuned["thp"] == "1"
-    assert default["applied"] == {"huge_pages": False, "glibc_heap": False}
-    assert default["thp"] is None
+    # Three probes of each, alternating, compared by their medians: one probe's count moves with
+    # the machine's memory state (a stop's fresh-clone run once gave 22,200 tuned against 19,600
+    # default, where the next pairs on the same machine gave 18,300 / 27,300 and 21,000 / 32,100).
+    pairs = [(_probe(), _probe(S4L_CPU_ALLOC="default")) for _ in range(3)]
+    tuned = sorted((p[0] for p in pairs), key=lambda r: r["faults_per_step"])[1]
+    default = sorted((p[1] for p in pairs), key=lambda r: r["faults_per_step"])[1]
+    assert all(p[0]["applied"] == {"huge_pages": True, "glibc_heap": True} for p in pairs)
+    assert all(p[0]["thp"] == "1" for p in pairs)
+    assert all(p[1]["applied"] == {"huge_pages": False, "glibc_heap": False} for p in pairs)
+    assert all(p[1]["thp"] is None for p in pairs)
     # Measured on a 2-core Xeon (THP `madvise`): ~20,000 faults a step by default, ~11,600 with
     # the glibc heap kept, ~4,100 with huge pages too. Whether the kernel backs a huge-page
     # request is its own business (fragmented memory, khugepaged and defrag settings): on the CI
     # machine the same probe gave 26,600 -> 13,700, the glibc part's cut and little more. So the
     # bound is the glibc part's, which holds wherever the settings take effect.
-    assert tuned["faults_per_step"] < default["faults_per_step"] * 0.8, (tuned, default)
+    assert tuned["faults_per_step"] < default["faults_per_step"] * 0.8, pairs
 
 
 def test_a_variable_the_user_set_is_left_alone():
