@@ -4,7 +4,7 @@ The fourth part, above training/ and evaluation/ (docs/architecture.md): plannin
 unit-tested; running calls library functions, never the CLI. One module per concern:
 `spec` (the study file), `plan` (runs, identities, selection), `ledger` (finished runs),
 `runner` (what to train next, training, analyses), `lock` (one study process per work
-folder), `analyses` (BN recompute, transfer), `cost`
+folder), `park` (unfinished runs carried to another machine), `analyses` (BN recompute, transfer), `cost`
 (rates, estimates, the dry-run table), `report` (the JSON), `markdown` (the page), `plots`,
 `cmd_study` (the command).
 

@@ -1,7 +1,8 @@
 """`s4l study CONFIG.toml`: parse the arguments, load the study file, run it (GUIDE.md habit 8).
 
-Defaults never depend on where s4l is installed: the workdir `runs/<name>` and a relative
-`report` of the study file resolve against the current working directory.
+Defaults never depend on where s4l is installed: the workdir `runs/<name>`, the park folder
+`parked/<name>` and a relative `report` of the study file resolve against the current working
+directory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from s4l.study.park import default_park_dir
 from s4l.study.runner import run_study
 from s4l.study.spec import load_study
 
@@ -35,6 +37,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "the plumbing in seconds, not results")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run (changes every run's identity)")
+    p.add_argument("--park", action="store_true",
+                   help="copy every unfinished run's checkpoint and curve to the park folder "
+                        "(for another machine to resume from), train nothing")
+    p.add_argument("--park-dir", default=None,
+                   help="the park folder (default parked/<name>); every training start restores "
+                        "what is parked there and further on than the work folder")
     p.add_argument("--progress", action="store_true", help="progress bars")
 
 
@@ -48,12 +56,14 @@ def main(args: argparse.Namespace) -> int:
                                     stage_schedule=study.stage_schedule and {"images": 128})
     # Relative to the current directory (the checkout, as the docs run it), never to where
     # s4l is installed.
-    work = Path(args.workdir) if args.workdir else \
+    work = Path(args.workdir).absolute() if args.workdir else \
         Path.cwd() / "runs" / (study.name + ("-smoke" if args.smoke else ""))
     report = Path(args.report) if args.report else (
         work / "report" if args.smoke else Path(study.report))
     if not report.is_absolute() and not args.report:
         report = Path.cwd() / report
+    park_dir = Path(args.park_dir).absolute() if args.park_dir else \
+        default_park_dir(study.name + ("-smoke" if args.smoke else ""))
     work.mkdir(parents=True, exist_ok=True)
     report.parent.mkdir(parents=True, exist_ok=True)
     only = [x for x in (args.only or "").split(",") if x]
@@ -61,6 +71,6 @@ def main(args: argparse.Namespace) -> int:
         if sys.argv[1:2] == ["study"] else ""
     return run_study(study, workdir=work, report=report, smoke=args.smoke,
                      overrides=args.overrides, only=only, dry_run=args.dry_run,
-                     report_only=args.report_only,
+                     report_only=args.report_only, park_dir=park_dir, park_now=args.park,
                      progress=args.progress, command=command)
 

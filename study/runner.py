@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from s4l.errors import UserError
 from s4l.study.analyses import bn_recompute, transfer_step
 from s4l.study.cost import print_plan
 from s4l.study.ledger import RETRAINED_KEYS, cpu_name, load_ledger, now, record_of
 from s4l.study.lock import study_lock
+from s4l.study.park import forget, park, parked_step, unpark
 from s4l.study.plan import Planner, Run, resolve_data
 from s4l.study.report import write_report
 from s4l.study.spec import Study
@@ -101,13 +103,16 @@ def next_run(planner: Planner, plan: list[Run], only: Sequence[str], failed: dic
 def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
               overrides: Sequence[str] = (), only: Sequence[str] = (), dry_run: bool = False,
               progress: bool = False, command: str = "", rate: float | None = None,
-              report_only: bool = False) -> int:
+              report_only: bool = False, park_dir: Path | None = None,
+              park_now: bool = False) -> int:
     """Train what is left of the plan (one process per work folder: study/lock.py), or print
-    it (`dry_run`), or rewrite the report from the ledger (`report_only`)."""
+    it (`dry_run`), or rewrite the report from the ledger (`report_only`), or copy the
+    unfinished runs' resume state to `park_dir` (`park_now`; study/park.py). Training first
+    restores what is parked in `park_dir`."""
     kw = dict(workdir=workdir, report=report, smoke=smoke, overrides=overrides, only=only,
               dry_run=dry_run, progress=progress, command=command, rate=rate,
-              report_only=report_only)
-    if dry_run or report_only:
+              report_only=report_only, park_dir=park_dir, park_now=park_now)
+    if dry_run or report_only or park_now:
         return _run_study(study, **kw)
     with study_lock(workdir):
         return _run_study(study, **kw)
@@ -115,7 +120,8 @@ def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
 
 def _run_study(study: Study, *, workdir: Path, report: Path, smoke: bool,
                overrides: Sequence[str], only: Sequence[str], dry_run: bool,
-               progress: bool, command: str, rate: float | None, report_only: bool) -> int:
+               progress: bool, command: str, rate: float | None, report_only: bool,
+               park_dir: Path | None, park_now: bool) -> int:
     data = resolve_data("builtin:digits" if smoke and study.data == "cifar10" else study.data)
     ledger_path = report.with_suffix(".json")
     ledger, analyses = load_ledger(ledger_path)
@@ -125,12 +131,28 @@ def _run_study(study: Study, *, workdir: Path, report: Path, smoke: bool,
     if only and study.transfer and study.transfer["backbone"] in only:
         only = [*only, "transfer-baseline"]  # the backbone's self-supervised comparison run
     started = time.time()
+    stale: set[str] = set()        # parked copies of another config, said once
     while True:
         planner = Planner(study, data, workdir, ledger, smoke=smoke, overrides=overrides)
         plan = planner.build()
+        done = {r.id for r in plan if planner.result(r) is not None}
         if dry_run:
             print_plan(planner, plan, analyses, rate)
+            for r in plan:
+                step = parked_step(park_dir, r) if park_dir and r.id not in done else None
+                if step is not None:
+                    print(f"{r.id}: parked at step {step} in {park_dir} (resumes there)")
             return 0
+        if park_now:
+            if park_dir is None:
+                raise UserError("--park needs a park folder")
+            lines = park(plan, done, park_dir)
+            print("\n".join(lines) if lines else
+                  "nothing to park: no unfinished run has a checkpoint in " + str(workdir))
+            return 0
+        if park_dir is not None and not report_only:  # runs planned later may be parked too
+            for line in unpark(plan, done, park_dir, stale):
+                log.info("%s", line)
         if report_only:  # rewrite the page from the ledger; the command that ran stays named
             if ledger_path.exists():
                 command = json.loads(ledger_path.read_text()).get("command") or command
@@ -153,6 +175,8 @@ def _run_study(study: Study, *, workdir: Path, report: Path, smoke: bool,
                     {k: rec.get(k) for k in RETRAINED_KEYS})
             else:
                 ledger[run.id] = rec
+            if park_dir is not None:
+                forget(run, park_dir)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one failed run must not stop the study: record, go on
