@@ -44,6 +44,13 @@ def _slot(park: Path, run: Run) -> Path:
     return park / run.id
 
 
+def _copy(src: Path, dst: Path) -> None:
+    from s4l.io import atomic_path
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def _ckpt_step(path: Path) -> int:
     from s4l.training.checkpoint import read_checkpoint
 
@@ -78,7 +85,7 @@ def park(runs: Iterable[Run], done: set[str], park_dir: Path) -> list[str]:
         tmp.mkdir(parents=True)
         # Copied first, then read: a checkpoint is replaced by a rename, so the copy is one
         # whole checkpoint (the one that was current when it was opened), never a torn one.
-        shutil.copyfile(ckpt, tmp / "checkpoint.pt")
+        _copy(ckpt, tmp / "checkpoint.pt")
         step = _ckpt_step(tmp / "checkpoint.pt")
         old = _manifest(slot) if slot.exists() else None
         if old and old.get("hash") == run.hash and int(old.get("step", -1)) >= step:
@@ -89,7 +96,7 @@ def park(runs: Iterable[Run], done: set[str], park_dir: Path) -> list[str]:
         if metrics.exists():
             from s4l.training.metrics import truncate_metrics
 
-            shutil.copyfile(metrics, tmp / "metrics.jsonl")
+            _copy(metrics, tmp / "metrics.jsonl")
             truncate_metrics(tmp / "metrics.jsonl", step)  # records past the checkpoint go
         size = sum(p.stat().st_size for p in tmp.iterdir())
         atomic_write_json(tmp / MANIFEST, {
@@ -161,7 +168,7 @@ def unpark(runs: Iterable[Run], done: set[str], park_dir: Path, stale: set[str])
         run.workdir.mkdir(parents=True, exist_ok=True)
         (run.workdir / "config.json").unlink(missing_ok=True)  # the trainer writes this one's
         if (slot / "metrics.jsonl").exists():
-            shutil.copyfile(slot / "metrics.jsonl", run.workdir / "metrics.jsonl")
+            _copy(slot / "metrics.jsonl", run.workdir / "metrics.jsonl")
         else:
             (run.workdir / "metrics.jsonl").unlink(missing_ok=True)
         ck = {k: v for k, v in ck.items() if k not in ("format", "format_version")}
