@@ -122,6 +122,9 @@ def test_park_copies_the_killed_runs_state_with_its_manifest(parked):
     os.umask(umask)
     for f in ("checkpoint.pt", "metrics.jsonl", MANIFEST):  # not 0600: as any file the user writes
         assert (slot / f).stat().st_mode & 0o777 == 0o666 & ~umask
+    done = _study(tmp, "--workdir", "ref", "--report", "ref/report", "--park",
+                  "--park-dir", "elsewhere").stdout
+    assert done.startswith("nothing to park") and not (tmp / "elsewhere").exists()
     dry = _study(tmp, "--workdir", "b", "--dry-run").stdout
     assert f"{RUN}: parked at step {at} in" in dry
 
