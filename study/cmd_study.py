@@ -40,6 +40,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--park", action="store_true",
                    help="copy every unfinished run's checkpoint and curve to the park folder "
                         "(for another machine to resume from), train nothing")
+    p.add_argument("--park-wait", type=float, default=600.0, metavar="SECONDS",
+                   help="with --park: first ask a study running on this work folder for a "
+                        "checkpoint now (SIGUSR1; it saves at its next logging step) and wait "
+                        "this long for it; 0 parks the checkpoints on disk as they are")
     p.add_argument("--park-dir", default=None,
                    help="the park folder (default parked/<name>); every training start restores "
                         "what is parked there and further on than the work folder")
@@ -72,5 +76,6 @@ def main(args: argparse.Namespace) -> int:
     return run_study(study, workdir=work, report=report, smoke=args.smoke,
                      overrides=args.overrides, only=only, dry_run=args.dry_run,
                      report_only=args.report_only, park_dir=park_dir, park_now=args.park,
+                     park_wait=args.park_wait,
                      progress=args.progress, command=command)
 

@@ -49,3 +49,26 @@ def study_lock(workdir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def holder(workdir: Path) -> tuple[int, str] | None:
+    """(pid, host) of the `s4l study` holding the work folder's lock, or None when none does."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = Path(workdir) / LOCK_NAME
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            words = os.pread(fd, 512, 0).decode("utf-8", "replace").split()
+            if len(words) >= 4 and words[0] == "pid" and words[1].isdigit():
+                return int(words[1]), words[3].rstrip(",")
+            return None
+        return None  # we could take it: nobody holds it
+    finally:
+        os.close(fd)

@@ -112,6 +112,47 @@ def park(runs: Iterable[Run], done: set[str], park_dir: Path) -> list[str]:
     return out
 
 
+def ask_for_checkpoint(workdir: Path, runs: Iterable[Run], done: set[str],
+                       wait_s: float) -> str | None:
+    """If an `s4l study` on this machine holds the work folder, ask it for a checkpoint now
+    (SIGUSR1: training/ckpt_request.py) and wait up to `wait_s` for an unfinished run's
+    checkpoint to be rewritten. A line saying what happened, or None when no study runs here."""
+    import os
+    import time
+
+    from s4l.study.lock import holder
+    from s4l.training.ckpt_request import SIGNAL
+
+    who = holder(workdir)
+    if who is None or SIGNAL is None:
+        return None
+    pid, host = who
+    if host != platform.node():
+        return f"the running study is on {host}: parking the checkpoints on disk as they are"
+    ckpts = [r.workdir / "checkpoint.pt" for r in runs if r.id not in done and not r.alias_of]
+
+    def stamps():
+        return {p: p.stat().st_mtime_ns for p in ckpts if p.exists()}
+
+    before = stamps()
+    try:
+        os.kill(pid, SIGNAL)
+    except (ProcessLookupError, PermissionError) as e:
+        return f"could not ask pid {pid} for a checkpoint ({e}): parking what is on disk"
+    print(f"asked the running study (pid {pid}) for a checkpoint at its next logging step; "
+          f"waiting up to {wait_s:.0f} s", flush=True)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < wait_s:
+        if stamps() != before:
+            time.sleep(0.5)  # the rename is the last act of a save; let its log line out
+            return f"the running study wrote a checkpoint after {time.monotonic() - t0:.0f} s"
+        if holder(workdir) is None:
+            return "the study ended while waiting: parking what is on disk"
+        time.sleep(0.2)
+    return (f"no new checkpoint within {wait_s:.0f} s (the study may be between runs or "
+            "evaluating): parking what is on disk")
+
+
 def unpark(runs: Iterable[Run], done: set[str], park_dir: Path, stale: set[str]) -> list[str]:
     """Restore into its work folder every parked unfinished run that is further on there than
     here (its checkpoint's paths rewritten to this machine's); delete the parked copies of

@@ -16,10 +16,11 @@ from s4l.study.analyses import bn_recompute, transfer_step
 from s4l.study.cost import print_plan
 from s4l.study.ledger import RETRAINED_KEYS, cpu_name, load_ledger, now, record_of
 from s4l.study.lock import study_lock
-from s4l.study.park import forget, park, parked_step, unpark
+from s4l.study.park import ask_for_checkpoint, forget, park, parked_step, unpark
 from s4l.study.plan import Planner, Run, resolve_data
 from s4l.study.report import write_report
 from s4l.study.spec import Study
+from s4l.training import ckpt_request
 
 log = logging.getLogger("s4l.study")
 
@@ -104,24 +105,27 @@ def run_study(study: Study, *, workdir: Path, report: Path, smoke: bool = False,
               overrides: Sequence[str] = (), only: Sequence[str] = (), dry_run: bool = False,
               progress: bool = False, command: str = "", rate: float | None = None,
               report_only: bool = False, park_dir: Path | None = None,
-              park_now: bool = False) -> int:
+              park_now: bool = False, park_wait: float = 600.0) -> int:
     """Train what is left of the plan (one process per work folder: study/lock.py), or print
     it (`dry_run`), or rewrite the report from the ledger (`report_only`), or copy the
     unfinished runs' resume state to `park_dir` (`park_now`; study/park.py). Training first
     restores what is parked in `park_dir`."""
     kw = dict(workdir=workdir, report=report, smoke=smoke, overrides=overrides, only=only,
               dry_run=dry_run, progress=progress, command=command, rate=rate,
-              report_only=report_only, park_dir=park_dir, park_now=park_now)
+              report_only=report_only, park_dir=park_dir, park_now=park_now,
+              park_wait=park_wait)
     if dry_run or report_only or park_now:
         return _run_study(study, **kw)
-    with study_lock(workdir):
+    # SIGUSR1 (`--park` beside it) asks for a checkpoint; held between runs too, so a request
+    # that comes while no run trains never meets the signal's default action (terminate).
+    with study_lock(workdir), ckpt_request.handling():
         return _run_study(study, **kw)
 
 
 def _run_study(study: Study, *, workdir: Path, report: Path, smoke: bool,
                overrides: Sequence[str], only: Sequence[str], dry_run: bool,
                progress: bool, command: str, rate: float | None, report_only: bool,
-               park_dir: Path | None, park_now: bool) -> int:
+               park_dir: Path | None, park_now: bool, park_wait: float) -> int:
     data = resolve_data("builtin:digits" if smoke and study.data == "cifar10" else study.data)
     ledger_path = report.with_suffix(".json")
     ledger, analyses = load_ledger(ledger_path)
@@ -146,6 +150,9 @@ def _run_study(study: Study, *, workdir: Path, report: Path, smoke: bool,
         if park_now:
             if park_dir is None:
                 raise UserError("--park needs a park folder")
+            said = ask_for_checkpoint(workdir, plan, done, park_wait) if park_wait > 0 else None
+            if said:
+                print(said, flush=True)
             lines = park(plan, done, park_dir)
             print("\n".join(lines) if lines else
                   "nothing to park: no unfinished run has a checkpoint in " + str(workdir))

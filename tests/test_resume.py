@@ -76,6 +76,12 @@ def test_sigkill_then_same_command_gives_identical_weights(tmp_path):
     assert 4 <= killed_at < 30
 
     subprocess.run(_cmd(killed), env=_env(), check=True, capture_output=True, timeout=300)
+    _assert_same_run(ref, killed)
+
+
+def _assert_same_run(ref: Path, killed: Path) -> None:
+    """The resumed run ended as the uninterrupted one: weights, EMA, momentum, data position,
+    and each training record and evaluation once, with the same values."""
     a, b = _states(ref), _states(killed)
     assert a["step"] == b["step"] == 30
     for part in ("model", "ema"):
@@ -94,6 +100,37 @@ def test_sigkill_then_same_command_gives_identical_weights(tmp_path):
     ea = [r for r in read_metrics(ref) if r["kind"] == "eval"]
     eb = [r for r in read_metrics(killed) if r["kind"] == "eval"]
     assert [r["step"] for r in ea] == [8, 16, 24] and ea == eb
+
+
+def test_sigusr1_checkpoints_at_the_next_logging_step_and_resumes_exactly(tmp_path):
+    """`kill -USR1`: a checkpoint off the regular schedule (every 100 steps here, never within
+    30), at the next logging boundary (every 2 steps); the run goes on; killed after it and run
+    again, it ends as the uninterrupted run."""
+    args = ["--set", "checkpoint.every_steps=100"]
+    ref, asked = tmp_path / "ref", tmp_path / "asked"
+    subprocess.run([*_cmd(ref), *args], env=_env(), check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen([*_cmd(asked), *args], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    target = random.randrange(5, 19)
+    deadline = time.time() + 180
+    while not any(r.get("step", 0) >= target for r in _records(asked)):
+        assert proc.poll() is None, "run ended before the chosen step"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    while not (asked / "checkpoint.pt").exists():
+        assert proc.poll() is None, "the run ended (or died) instead of checkpointing"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    step = read_checkpoint(asked / "checkpoint.pt")["step"]
+    assert target <= step < 30 and step % 2 == 0, step
+    assert f"checkpoint requested (SIGUSR1): saving at step {step}" in err
+
+    subprocess.run([*_cmd(asked), *args], env=_env(), check=True, capture_output=True,
+                   timeout=300)
+    _assert_same_run(ref, asked)
 
 
 def _tiny(**sets) -> C.TrainConfig:

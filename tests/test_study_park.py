@@ -84,34 +84,63 @@ def parked(tmp_path_factory):
     (tmp / "p.toml").write_text(STUDY.format(data=data, steps=STEPS))
     _study(tmp, "--workdir", "ref", "--report", "ref/report")
 
-    # checkpoint every STEPS // 10 steps: kill once a checkpoint past step 12 exists, with
-    # 20+ steps of margin before the run ends.
-    target = random.randrange(14, 36)
+    # The study is frozen once its run has logged the chosen step; `--park` asks it for a
+    # checkpoint (SIGUSR1, pending while it is stopped), it is thawed, saves at its next logging
+    # step (every step for the -smoke presets; its regular checkpoints come every 6), and the
+    # park takes that one. Then the machine goes (SIGKILL).
+    target = random.randrange(13, 36)
     killed = tmp / "a" / RUN
+    err = open(tmp / "a.err", "w")  # noqa: SIM115  (the study's log, read after it is killed)
     proc = subprocess.Popen([sys.executable, "-m", "s4l.cli", "study", "p.toml",
                              "--workdir", "a"], cwd=tmp, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 300
     while _steps_logged(killed) < target:
-        assert proc.poll() is None, "the study ended before the chosen kill step"
+        assert proc.poll() is None, "the study ended before the chosen step"
         assert time.time() < deadline
         time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(0.2)  # a checkpoint being renamed into place has landed
+    scheduled = read_checkpoint(killed / "checkpoint.pt")["step"]
+    parker = subprocess.Popen([sys.executable, "-m", "s4l.cli", "study", "p.toml", "--workdir",
+                               "a", "--park", "--park-wait", "120"], cwd=tmp, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = parker.stdout.readline()
+    proc.send_signal(signal.SIGCONT)
+    rest, perr = parker.communicate(timeout=300)
+    assert parker.returncode == 0, perr[-3000:]
+    assert proc.poll() is None, "SIGUSR1 ended the study"  # it handles the request, lives on
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    at = read_checkpoint(killed / "checkpoint.pt")["step"]
-    assert 12 <= at < STEPS
+    err.close()
+    assert first.startswith(f"asked the running study (pid {proc.pid}) for a checkpoint"), first
+    assert "the running study wrote a checkpoint after" in rest, rest
+    # The study went on after the park (as a machine does until it goes): the parked step is
+    # the one the manifest names, not the work folder's last.
+    at = json.loads((tmp / "parked" / "p" / RUN / MANIFEST).read_text())["step"]
+    # A checkpoint newer than the scheduled one on disk when the park was asked for (the
+    # requested one, or a scheduled one that came first), and the request was handled.
+    assert scheduled < at < STEPS and target <= at
+    assert "checkpoint requested (SIGUSR1): saving at step" in (tmp / "a.err").read_text()
 
-    out = _study(tmp, "--workdir", "a", "--park").stdout
+    out = first + rest
+    # No study runs there now: the work folder's last checkpoint (the study went on after the
+    # first park) replaces the parked one, and a third park finds nothing newer.
+    last = read_checkpoint(killed / "checkpoint.pt")["step"]
+    later = _study(tmp, "--workdir", "a", "--park").stdout
+    assert (f"{RUN}: parked at step {last} of" if last > at else
+            f"{RUN}: already parked at step {at}") in later, later
     again = _study(tmp, "--workdir", "a", "--park").stdout
+    assert f"{RUN}: already parked at step {last}" in again, again
+    first_at, at = at, last
     shutil.rmtree(tmp / "a")  # the machine is gone; the park folder travelled
-    return {"tmp": tmp, "at": at, "out": out, "again": again}
+    return {"tmp": tmp, "at": at, "first_at": first_at, "out": out}
 
 
 def test_park_copies_the_killed_runs_state_with_its_manifest(parked):
     tmp, at = parked["tmp"], parked["at"]
     slot = tmp / "parked" / "p" / RUN
-    assert f"{RUN}: parked at step {at} of {STEPS}" in parked["out"]
-    assert f"{RUN}: already parked at step {at}" in parked["again"]
+    assert f"{RUN}: parked at step {parked['first_at']} of {STEPS}" in parked["out"]
     man = json.loads((slot / MANIFEST).read_text())
     assert man["step"] == at and man["id"] == RUN and len(man["hash"]) == 16
     assert read_checkpoint(slot / "checkpoint.pt")["step"] == at

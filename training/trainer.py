@@ -38,6 +38,7 @@ from s4l.errors import UserError
 from s4l.imaging import PreprocessSpec
 from s4l.io import atomic_write_json
 from s4l.training import checkpoint as ckpt_io
+from s4l.training import ckpt_request
 from s4l.training import config as C
 from s4l.training import distributed as D
 from s4l.training.ema import EMA, ema_decay
@@ -56,6 +57,7 @@ __all__ = ["METRICS_FILE", "CheckpointSaver", "MetricsWriter", "Plan", "RunData"
            "precision_autocast", "train", "train_step", "truncate_metrics"]
 
 CONFIG_FILE = "config.json"
+_ASKED = "_checkpoint_requested"  # the request's slot in the logging all-reduce
 FINAL_FILE = "final_metrics.json"
 
 
@@ -248,6 +250,8 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
     images_per_step = (plan.labelled_per_shard + plan.unlabelled_per_shard) * \
         plan.shards_per_process * env.world_size * objective.copies * objective.device_rotations
     bar = _progress(progress and env.is_main, plan.total_steps, step, cfg.preset)
+    on_request = contextlib.ExitStack()  # SIGUSR1: checkpoint at the next logging boundary
+    on_request.enter_context(ckpt_request.handling())
     try:
         while step < plan.total_steps:
             lr = schedule.lr_at(step)
@@ -273,7 +277,14 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
             if boundary_log or boundary_ckpt:
                 _check_finite(bad_step, env, saver)
             if boundary_log:
-                avg = D.all_reduce_mean({k: v / n_sums for k, v in sums.items()}, env)
+                # A checkpoint request rides the metrics' all-reduce: every rank saves together.
+                asked = torch.tensor(float(ckpt_request.requested()), device=dev)
+                avg = D.all_reduce_mean({**{k: v / n_sums for k, v in sums.items()},
+                                         _ASKED: asked}, env)
+                if float(avg.pop(_ASKED)) > 0:
+                    ckpt_request.clear()
+                    log.info("checkpoint requested (SIGUSR1): saving at step %d", step)
+                    boundary_ckpt = True
                 now = time.perf_counter()
                 rec = {k: float(v) for k, v in avg.items()}
                 rec.update(step=step, epoch=step / plan.steps_per_epoch, lr=lr,
@@ -292,6 +303,7 @@ def _train(cfg: C.TrainConfig, workdir: Path, env: D.DistEnv, progress: bool) ->
             if boundary_ckpt:
                 saver.save(step, plan, model, ema, optimizer, stream)
     finally:
+        on_request.close()
         if bar is not None:
             bar.close()
 
