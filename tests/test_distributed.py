@@ -95,3 +95,48 @@ def test_without_ghost_or_sync_bn_the_processes_differ(tmp_path):
     two = _run(tmp_path / "two", 2, ["bn.ghost_batch=null"], 1, "supervised-10pct-smoke")
     initial = _initial(tmp_path, "supervised-10pct-smoke", ["bn.ghost_batch=null"])
     assert max(_update_mismatch(one, two, initial).values()) > 1e-2
+
+
+def test_sigusr1_to_one_rank_makes_every_rank_checkpoint_at_one_step(tmp_path):
+    """`kill -USR1` reaching rank 1 only (not the rank that writes): the request rides the
+    logging all-reduce, both ranks save at one step (the save gathers every rank's RNG, so a
+    rank that did not join would hang the run), and the run goes on to its end."""
+    import json
+    import signal
+    import time
+
+    work = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           f"--master_port={free_port()}", "-m", "s4l.cli", "train", "--preset",
+           "supervised-10pct-smoke", "--data", "builtin:digits", "--workdir", str(work),
+           "--device", "cpu", "--no-progress", "--set", "optim.total_steps=150",
+           "--set", "data.workers=0", "--set", "bn.ghost_batch=2",
+           "--set", "checkpoint.every_steps=1000", "--set", "log_every_steps=1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+
+    def logged() -> int:
+        try:
+            lines = (work / "metrics.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return 0
+        return max([0] + [json.loads(x).get("step", 0) for x in lines[:-1]])
+
+    while logged() < 5:
+        assert proc.poll() is None and time.time() < deadline, "the run ended or hung early"
+        time.sleep(0.05)
+    kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    rank1 = [int(p) for p in kids.stdout.split()
+             if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+    assert len(rank1) == 1, kids.stdout
+    os.kill(rank1[0], signal.SIGUSR1)
+    while not (work / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint came"
+        time.sleep(0.02)
+    step = read_checkpoint(work / "checkpoint.pt")["step"]
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert 5 <= step < 150, step
+    assert len(read_checkpoint(work / "checkpoint.pt")["rng"]) == 2  # both ranks' states
+    assert f"checkpoint requested (SIGUSR1): saving at step {step}" in err
