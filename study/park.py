@@ -73,9 +73,7 @@ def park(runs: Iterable[Run], done: set[str], park_dir: Path) -> list[str]:
     for run in runs:
         slot = _slot(park_dir, run)
         if run.id in done or run.alias_of:
-            if slot.exists():
-                shutil.rmtree(slot)
-                out.append(f"{run.id}: finished; its parked copy removed")
+            out += _drop_finished(run, park_dir)
             continue
         ckpt = run.workdir / "checkpoint.pt"
         if not ckpt.exists():
@@ -170,8 +168,7 @@ def unpark(runs: Iterable[Run], done: set[str], park_dir: Path, stale: set[str])
         if not (slot / MANIFEST).exists():
             continue
         if run.id in done or run.alias_of:
-            shutil.rmtree(slot)
-            out.append(f"{run.id}: finished; its parked copy removed")
+            out += _drop_finished(run, park_dir)
             continue
         src = slot / "checkpoint.pt"
         try:
@@ -219,12 +216,19 @@ def unpark(runs: Iterable[Run], done: set[str], park_dir: Path, stale: set[str])
     return out
 
 
-def forget(run: Run, park_dir: Path) -> None:
-    """A finished run's parked copy is stale: delete it."""
+def _drop_finished(run: Run, park_dir: Path) -> list[str]:
+    """A finished run's parked copy is stale: delete it. The line saying so, if there was one."""
     slot = _slot(park_dir, run)
-    if slot.exists():
-        shutil.rmtree(slot)
-        log.info("%s finished: its parked copy %s removed", run.id, slot)
+    if not slot.exists():
+        return []
+    shutil.rmtree(slot)
+    return [f"{run.id}: finished; its parked copy {slot} removed"]
+
+
+def forget(run: Run, park_dir: Path) -> None:
+    """The study just finished `run`: delete its parked copy, saying so in the log."""
+    for line in _drop_finished(run, park_dir):
+        log.info("%s", line)
 
 
 def parked_step(park_dir: Path, run: Run) -> int | None:

@@ -26,7 +26,7 @@ from conftest import make_image_folder
 
 from s4l import study as S
 from s4l.errors import UserError
-from s4l.study.park import MANIFEST, unpark
+from s4l.study.park import MANIFEST, park, unpark
 from s4l.training.checkpoint import read_checkpoint
 
 RUN = "final/s4l-rotation/seed0"
@@ -193,6 +193,22 @@ def test_a_parked_copy_of_another_config_is_not_resumed(parked, tmp_path, caplog
     man_path.write_text(json.dumps({**man, "hash": other[0].hash}))
     with pytest.raises(UserError, match=r"does not match its manifest's run .*optim\.momentum"):
         unpark(other, set(), park, set())
+
+
+def test_a_finished_runs_parked_copy_is_removed_by_park_and_by_unpark(parked, tmp_path):
+    """A run finished elsewhere (or here) leaves its parked copy stale: both `--park` and the
+    study's start delete it and say so, and restore nothing."""
+    study = S.load_study(parked["tmp"] / "p.toml")
+    plan = S.Planner(study, str(parked["tmp"] / "data"), tmp_path / "w", {}).build()
+    calls = {"park": lambda store: park(plan, {RUN}, store),
+             "unpark": lambda store: unpark(plan, {RUN}, store, set())}
+    for name, call in calls.items():
+        store = tmp_path / name
+        shutil.copytree(parked["tmp"] / "parked" / "p", store)
+        assert (store / RUN / "checkpoint.pt").exists()
+        assert call(store) == [f"{RUN}: finished; its parked copy {store / RUN} removed"], name
+        assert not (store / RUN).exists() and call(store) == []
+        assert not list((tmp_path / "w").glob("**/checkpoint.pt"))
 
 
 def test_the_parked_run_finishes_elsewhere_as_if_never_interrupted(parked):
