@@ -539,6 +539,26 @@ def test_convergence_of_every_arm_and_both_readings_on_the_page(curves):
     assert (tmp / "docs" / "curves_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_decision_rule_reads_each_way_it_can_go():
+    """Issue 27 item 5 on numbers whose answer is known: a gain beyond 2 x SE with held-out
+    agreeing helps; the same gain with held-out against, a loss beyond 2 x SE, and a gap
+    inside the noise do not, each said as such; fewer than 3 seeds is marked preliminary."""
+    from s4l.study.markdown import decision_line
+
+    up, base = [55.0, 56.0, 57.0], [52.0, 53.0, 54.0]  # d = 3.00, SE = sqrt(2/3) = 0.82
+    hi, lo = [58.0, 58.5, 59.0], [56.0, 56.5, 57.0]
+    line = decision_line(up, base, hi, lo)
+    assert line.startswith("(3 vs 3 seeds): test top-1 +3.00 against 2 x SE = 1.63; held-out "
+                           "+2.00. ") and line.endswith("It helps at this scale by the rule.")
+    assert "held-out does not agree" in decision_line(up, base, lo, hi)
+    assert "worse at this scale" in decision_line(base, up, hi, lo)
+    noise = decision_line([53.0, 54.0, 52.0], base, hi, lo)
+    assert "test top-1 +0.00" in noise and "no difference beyond the noise" in noise
+    assert "helps" not in noise and "Preliminary" not in noise
+    two = decision_line(up[:2], base, hi[:2], lo)
+    assert two.startswith("(2 vs 3 seeds)") and two.endswith("the rule is for 3 seeds per arm.")
+
+
 def _curves_beside(curves, earlier: Path, name: str) -> dict:
     """The curves study's page rewritten from its ledger (nothing trained) with `[beside]`
     naming `earlier`; the new JSON."""
